@@ -1,0 +1,124 @@
+"""The `jcl-k8s` command line: one subcommand per job, each a thin wrapper.
+
+Every subcommand turns a `ConfigError`, `DataError` or `CheckpointError` into
+one line on stderr and exit status 2, before any training starts.
+"""
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from jcl_k8s.errors import UserError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", default="imagenet", help="base settings: imagenet (the paper's) or small (CPU)"
+    )
+    parser.add_argument(
+        "--config", "-c", action="append", default=[], metavar="FILE",
+        help="YAML settings merged over the preset, in order (repeatable)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from jcl_k8s.config import load_config
+    from jcl_k8s.pretrain import pretrain
+
+    pretrain(load_config("pretrain", args.preset, args.config, args.overrides))
+    return 0
+
+
+def _lincls(args: argparse.Namespace) -> int:
+    from jcl_k8s.config import load_config
+    from jcl_k8s.lincls import lincls
+
+    lincls(load_config("lincls", args.preset, args.config, args.overrides))
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from jcl_k8s.data.fashion_mnist import prepare_fashion_mnist
+
+    counts = prepare_fashion_mnist(
+        args.url, source=args.source, per_class=args.per_class, val_per_class=args.val_per_class
+    )
+    for split, n in counts.items():
+        print(f"{split}: {n} images written under {args.url.rstrip('/')}/{split}/")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jcl_k8s.demo import run_demo
+
+    run_demo(output_dir=args.output, quick=args.quick, epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jcl-k8s", description="JCL / MoCo v2 pretraining and linear evaluation"
+    )
+    parser.add_argument("--log-level", default="INFO", help="stdlib logging level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="JCL (or MoCo v2) pretraining")
+    _add_config_arguments(pretrain)
+    pretrain.set_defaults(handler=_pretrain)
+
+    lincls = commands.add_parser("lincls", help="linear classification on a frozen backbone")
+    _add_config_arguments(lincls)
+    lincls.set_defaults(handler=_lincls)
+
+    prepare = commands.add_parser("prepare-data", help="write a dataset in ImageNet layout")
+    prepare.add_argument("dataset", choices=["fashion-mnist"], help="which dataset")
+    prepare.add_argument("url", help="destination root, any fsspec URL (s3://bucket/prefix, ...)")
+    prepare.add_argument(
+        "--source", default="/usr/share/datasets/fashion-mnist",
+        help="directory holding the IDX files (Debian's dataset-fashion-mnist)",
+    )
+    prepare.add_argument("--per-class", type=int, default=None, help="train images per class")
+    prepare.add_argument("--val-per-class", type=int, default=None, help="val images per class")
+    prepare.set_defaults(handler=_prepare_data)
+
+    demo = commands.add_parser("demo", help="pretrain + lincls on Fashion-MNIST via local S3")
+    demo.add_argument("--output", default="runs/demo", help="local directory for the results")
+    demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
+    demo.add_argument("--epochs", type=int, default=None, help="pretrain epochs")
+    demo.set_defaults(handler=_demo)
+
+    for register in _extensions():
+        register(commands)
+    return parser
+
+
+def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands owned by other parts of the package (Kubernetes, reports)."""
+    registrations = []
+    try:
+        from jcl_k8s.k8s.cli import add_commands as k8s_commands
+    except ImportError as error:
+        if error.name != "jcl_k8s.k8s.cli":
+            raise
+    else:
+        registrations.append(k8s_commands)
+    return registrations
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = args.handler(args)
+    except UserError as error:
+        print(f"jcl-k8s {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,223 @@
+"""Typed configuration for every command, its presets and its loading.
+
+Each command's settings are a dataclass tree; a run's configuration is the
+chosen preset, then YAML files in order, then `dotted.key=value` overrides,
+merged and type-checked by OmegaConf. An unknown key or a value of the wrong
+type is a `ConfigError` naming it, raised before any work starts.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jcl_k8s.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration that cannot be used, with the setting to fix."""
+
+
+@dataclass
+class DataConfig:
+    url: str = MISSING
+    """Dataset root in ImageNet layout (ROOT/train/<class>/<file>), any fsspec URL."""
+    image_size: int = 224
+    """Side of the square crops fed to the network."""
+    num_workers: int = 8
+    """DataLoader worker processes per training process."""
+    cache_bytes: bool = False
+    """Read every encoded image once at start and keep the bytes in memory (small data only)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    """Any torchvision ResNet constructor name: resnet18, resnet50, ..."""
+    stem: str = "imagenet"
+    """'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1 conv, no pool) for tiny images."""
+    dim: int = 128
+    """Output size of the projection head."""
+    mlp: bool = True
+    """MoCo v2 MLP head (Linear-ReLU-Linear) instead of a single Linear."""
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    output_url: str = MISSING
+    """Where the run writes its config, checkpoints and metrics log (any fsspec URL)."""
+    epochs: int = 200
+    """Passes over the training split."""
+    batch_size: int = 256
+    """Global batch over all processes; each process takes batch_size / world_size."""
+    lr: float = 0.03
+    """SGD learning rate for a global batch of 256, scaled linearly with batch_size."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """SGD weight decay."""
+    warmup_epochs: float = 0.0
+    """Linear lr warm-up length before the cosine schedule."""
+    tau: float = 0.2
+    """Softmax temperature."""
+    jcl_lambda: float = 2.0
+    """JCL strength lambda, ramped as lambda * (epoch + 1) / epochs."""
+    k_crops: int = 5
+    """Augmented views per image: one query and k_crops - 1 positive keys (2 = MoCo v2)."""
+    jcl: bool = True
+    """False gives MoCo v2 proper: lambda is 0 and k_crops must be 2."""
+    queue_size: int = 65536
+    """Negative keys K in the FIFO queue."""
+    key_momentum: float = 0.999
+    """EMA momentum m of the key encoder."""
+    seed: int = 0
+    """Seed of the data order, the augmentations and the initial weights."""
+    log_every: int = 10
+    """Steps between two log lines (rank 0) and two metrics-log records."""
+    shuffle_bn_groups: int = 2
+    """With one process: key batches are split into this many shuffled BN groups."""
+
+
+@dataclass
+class LinclsConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrained: str = ""
+    """Checkpoint URL (this project's or the published MoCo/JCL format); '' = random backbone."""
+    output_url: str = MISSING
+    """Where the run writes its config, results and metrics log."""
+    epochs: int = 100
+    """Passes over the training split."""
+    batch_size: int = 256
+    """Global batch over all processes."""
+    lr: float = 30.0
+    """SGD learning rate for a global batch of 256, scaled linearly with batch_size."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """SGD weight decay."""
+    lr_milestones: list[int] = field(default_factory=lambda: [60, 80])
+    """Epochs at which the lr is multiplied by 0.1."""
+    cached_features: bool = False
+    """Extract frozen features once (no augmentation) and train the classifier on them."""
+    standardize: bool = False
+    """With cached_features: scale each feature to zero mean, unit variance on train."""
+    seed: int = 0
+    """Seed of the data order and the classifier's initial weights."""
+    log_every: int = 10
+    """Steps between two log lines (rank 0)."""
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "pretrain": {
+        # The paper's ImageNet run (ResNet-50, 200 epochs): the dataclass defaults.
+        "imagenet": {},
+        # A CPU-sized run on small images, used by the demo.
+        "small": {
+            "data": {"image_size": 32, "num_workers": 1, "cache_bytes": True},
+            "model": {"arch": "resnet18", "stem": "small"},
+            "epochs": 10,
+            "batch_size": 128,
+            "lr": 0.06,
+            "weight_decay": 5e-4,
+            "k_crops": 3,
+            "jcl_lambda": 2.0,
+            "queue_size": 4096,
+            "key_momentum": 0.99,
+            "log_every": 10,
+        },
+    },
+    "lincls": {
+        "imagenet": {},
+        "small": {
+            "data": {"image_size": 32, "num_workers": 1, "cache_bytes": True},
+            "model": {"arch": "resnet18", "stem": "small"},
+            "epochs": 30,
+            "batch_size": 256,
+            "lr": 0.5,
+            "lr_milestones": [20, 25],
+            "cached_features": True,
+            "standardize": True,
+        },
+    },
+}
+
+SCHEMAS = {"pretrain": PretrainConfig, "lincls": LinclsConfig}
+
+
+def load_config(
+    command: str,
+    preset: str = "imagenet",
+    files: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> DictConfig:
+    """Merge preset, YAML files and `key=value` overrides into a checked config."""
+    if preset not in PRESETS[command]:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS[command])}")
+    try:
+        config = OmegaConf.structured(SCHEMAS[command])
+        config = OmegaConf.merge(config, PRESETS[command][preset])
+        for path in files or []:
+            config = OmegaConf.merge(config, _read_yaml(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+        missing = sorted(OmegaConf.missing_keys(config))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_explain(error)) from None
+    if missing:
+        raise ConfigError(f"setting {missing[0]} is required (pass {missing[0]}=...)")
+    _validate(command, config)
+    return config
+
+
+def _read_yaml(path: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return loaded
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not in" in message:
+        return f"unknown setting {key}"
+    if key:
+        return f"setting {key}: {message}"
+    return message
+
+
+def _validate(command: str, config: DictConfig) -> None:
+    if config.model.stem not in ("imagenet", "small"):
+        raise ConfigError(f"model.stem must be 'imagenet' or 'small', got {config.model.stem!r}")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
+    if config.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1, got {config.epochs}")
+    if command == "pretrain":
+        if config.k_crops < 2:
+            raise ConfigError(
+                f"k_crops must be at least 2 (one query and at least one key), got {config.k_crops}"
+            )
+        if not config.jcl and config.k_crops != 2:
+            raise ConfigError(
+                f"jcl=false is MoCo v2, which uses exactly 2 crops: set k_crops=2 "
+                f"(got {config.k_crops})"
+            )
+        if config.queue_size < 1:
+            raise ConfigError(f"queue_size must be at least 1, got {config.queue_size}")
+        if config.tau <= 0:
+            raise ConfigError(f"tau must be positive, got {config.tau}")
+
+
+def to_yaml(config: DictConfig) -> str:
+    """The merged config as YAML, as written beside every run."""
+    return OmegaConf.to_yaml(config)
