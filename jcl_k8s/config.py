@@ -44,9 +44,18 @@ class ModelConfig:
 
 
 @dataclass
+class MetricsConfig:
+    port: int = 9400
+    """Prometheus exporter base port; each process serves base_port + local_rank; 0 = off."""
+    job: str = ""
+    """Value of the `job` label; '' takes $JCL_JOB_NAME, else the output URL's last part."""
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output_url: str = MISSING
     """Where the run writes its config, checkpoints and metrics log (any fsspec URL)."""
     epochs: int = 200
@@ -85,8 +94,11 @@ class PretrainConfig:
 class LinclsConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pretrained: str = ""
-    """Checkpoint URL (this project's or the published MoCo/JCL format); '' = random backbone."""
+    """Checkpoint file or pretrain run URL (newest committed checkpoint); '' = random backbone."""
+    wait_for_pretrained: float = 0.0
+    """Seconds to wait for the pretrain run's final checkpoint to appear (0 = do not wait)."""
     output_url: str = MISSING
     """Where the run writes its config, results and metrics log."""
     epochs: int = 100
