@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jcl_k8s.observability.dashboard import grafana_dashboard, panel_queries, resolve_variables
 from jcl_k8s.observability.rules import prometheus_rule, rule_groups
 
 PROMTOOL_TESTS = Path(__file__).resolve().parents[1] / "promtool"
@@ -58,3 +59,15 @@ def test_each_alert_fires_on_a_fault_and_stays_quiet_when_healthy(promtool, tmp_
     result = promtool_run(promtool, "test", "rules", tests.name, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_every_dashboard_expression_parses(promtool, tmp_path):
+    variables = {"namespace": ".*", "job": ".+", "__rate_interval": "1m"}
+    records = [
+        {"record": f"dashboard:expr{i}", "expr": resolve_variables(expr, variables)}
+        for i, (_, expr) in enumerate(panel_queries(grafana_dashboard()))
+    ]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump(rules))
+    result = promtool_run(promtool, "check", "rules", "dashboard.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
