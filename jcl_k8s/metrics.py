@@ -172,7 +172,8 @@ class TrainingMetrics:
         )
         self._lr = gauge("jcl_learning_rate", "Learning rate at the last log step.")
         self._throughput = gauge(
-            "jcl_images_per_second", "Throughput of this rank, as measured by the trainer."
+            "jcl_images_per_second",
+            "Throughput of the job as this rank measured it: global batch over step time.",
         )
 
         # Checkpoints.

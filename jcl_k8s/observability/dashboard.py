@@ -65,7 +65,8 @@ ROWS: list[tuple[str, list[tuple[str, str, str, int, list[tuple[str, str]]]]]] =
         ]),
         ("Throughput, all ranks (images/s)", "timeseries", "none", 8, [
             (f"sum by (job) (rate(jcl_samples_total{{{_S}}}[{_RATE}]))", "{{job}} counted"),
-            (f"sum by (job) (jcl_images_per_second{{{_S}}})", "{{job}} reported"),
+            # Each rank reports the whole job's throughput (global batch / its step time).
+            (f"max by (job) (jcl_images_per_second{{{_S}}})", "{{job}} reported"),
         ]),
         ("Steps per second", "timeseries", "none", 8, [
             (f"max by (job) (rate(jcl_steps_total{{{_S}}}[{_RATE}]))", "{{job}}"),
