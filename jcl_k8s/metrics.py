@@ -59,8 +59,9 @@ DATA_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 ADDRESS_ENV = "JCL_METRICS_ADDR"
-_REPLY_GRACE_SECONDS = 0.2
 FINAL_SCRAPE_ENV = "JCL_METRICS_FINAL_SCRAPE_TIMEOUT"
+# After the final scrape has begun: time for its reply to leave before the process may exit.
+_REPLY_GRACE_SECONDS = 0.2
 
 
 def job_label(configured: str, output_url: str) -> str:
@@ -304,7 +305,6 @@ class TrainingMetrics:
         if self._final_scrape_timeout > 0:
             self._scraped.clear()
             if self._scraped.wait(self._final_scrape_timeout):
-                # The scrape began; give its reply a moment to leave before the process exits.
                 time.sleep(_REPLY_GRACE_SECONDS)
         self._server.shutdown()
         self._server.server_close()
