@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -50,12 +51,15 @@ def serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def save(run_url: str, global_step: int, state: dict[str, Any]) -> str:
+def save(run_url: str, global_step: int, state: dict[str, Any], epoch_end: bool = False) -> str:
     """Write `state` as a committed checkpoint of `run_url`; returns its URL."""
-    return commit(run_url, global_step, serialize(state), state)
+    return commit(run_url, global_step, serialize(state), state, epoch_end)
 
 
-def commit(run_url: str, global_step: int, data: bytes, state: dict[str, Any]) -> str:
+def commit(
+    run_url: str, global_step: int, data: bytes, state: dict[str, Any], epoch_end: bool = False
+) -> str:
+    """Upload `data` under its own prefix, then the COMMIT marker that makes it valid."""
     url = storage.join(run_url, "checkpoints", checkpoint_name(global_step))
     storage.write_bytes(storage.join(url, STATE_FILE), data)
     marker = {
@@ -64,10 +68,114 @@ def commit(run_url: str, global_step: int, data: bytes, state: dict[str, Any]) -
         "bytes": len(data),
         "epoch": state.get("epoch"),
         "global_step": global_step,
+        "epoch_end": epoch_end,
         "created": time.time(),
     }
     storage.write_text(storage.join(url, COMMIT_FILE), json.dumps(marker))
     return url
+
+
+def prune(run_url: str, keep_last: int, keep_every_epochs: int = 0) -> list[str]:
+    """Delete all but the newest `keep_last` committed checkpoints (and every Nth
+    epoch's end, when asked), plus uncommitted leftovers older than the newest
+    commit. Only ever called after a commit; returns the deleted URLs."""
+    fs, base = storage.url_to_fs(storage.join(run_url, "checkpoints"))
+    with storage.explained(run_url, "pruning checkpoints of"):
+        fs.invalidate_cache()
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+        kept = [n for n in names if fs.exists(f"{base}/{n}/{COMMIT_FILE}")]
+        if not kept:
+            return []
+        keep = set(kept[-keep_last:])
+        if keep_every_epochs > 0:
+            for name in kept:
+                marker = json.loads(fs.cat_file(f"{base}/{name}/{COMMIT_FILE}"))
+                epoch = marker.get("epoch") or 0
+                if marker.get("epoch_end") and epoch % keep_every_epochs == 0:
+                    keep.add(name)
+        doomed = [n for n in names if n not in keep and n < kept[-1]]
+        for name in doomed:
+            fs.rm(f"{base}/{name}", recursive=True)
+    return [storage.join(run_url, "checkpoints", n) for n in doomed]
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of a (nested) state with every tensor copied to CPU memory.
+
+    This is all a save stalls training for; serialising and uploading the copy
+    happen in the background.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Uploads snapshots one at a time in a background thread (rank 0 only).
+
+    A new save first waits for the previous upload, so uploads never pile up.
+    A failed background upload is logged and counted and the next save tries
+    again; a save that is waited for (the final one, a preemption) raises.
+    """
+
+    def __init__(self, run_url: str, keep_last: int, keep_every_epochs: int = 0,
+                 on_saved=None, on_failed=None):
+        self.run_url = run_url
+        self.keep_last = keep_last
+        self.keep_every_epochs = keep_every_epochs
+        self.on_saved = on_saved
+        self.on_failed = on_failed
+        self.last_url = ""
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, global_step: int, state: dict[str, Any], epoch_end: bool = False,
+             wait: bool = False) -> float:
+        """Snapshot `state` and upload it; returns the seconds training was stalled."""
+        self.wait(raise_error=False)
+        started = time.perf_counter()
+        copy = snapshot(state)
+        stalled = time.perf_counter() - started
+        self._thread = threading.Thread(
+            target=self._upload, args=(global_step, copy, epoch_end), daemon=True,
+            name=f"checkpoint-{global_step}",
+        )
+        self._thread.start()
+        if wait:
+            self.wait(raise_error=True)
+        return stalled
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the upload in flight, if any, is done."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            if raise_error:
+                raise error
+            log.error("checkpoint upload failed (the next save tries again): %s", error)
+
+    def _upload(self, global_step: int, state: dict[str, Any], epoch_end: bool) -> None:
+        started = time.perf_counter()
+        try:
+            data = serialize(state)
+            url = commit(self.run_url, global_step, data, state, epoch_end)
+            prune(self.run_url, self.keep_last, self.keep_every_epochs)
+        except Exception as error:  # reported by wait(): logged, or raised to the caller
+            self._error = error
+            if self.on_failed:
+                self.on_failed()
+            return
+        seconds = time.perf_counter() - started
+        self.last_url = url
+        log.info("checkpoint committed: %s (%.1f MB in %.1f s)", url, len(data) / 2**20, seconds)
+        if self.on_saved:
+            self.on_saved(seconds, len(data))
 
 
 def committed(run_url: str) -> list[str]:

@@ -117,9 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from jcl_k8s.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         code = args.handler(args)
     except UserError as error:
         print(f"jcl-k8s {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
     sys.exit(code or 0)

@@ -52,12 +52,33 @@ class MetricsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every this many global steps (0 = off)."""
+    every_minutes: float = 30.0
+    """Save when this many minutes have passed since the last save (0 = off)."""
+    at_epoch_end: bool = True
+    """Save at the end of every epoch."""
+    keep_last: int = 3
+    """Committed checkpoints kept; older ones are deleted after a newer commit."""
+    keep_every_epochs: int = 0
+    """Also keep the end-of-epoch checkpoint of every Nth epoch for good (0 = none)."""
+    grace_seconds: float = 25.0
+    """Time a preemption save may take (torchrun's SIGKILL comes 30 s after SIGTERM);
+    a save slower than this is logged as a warning."""
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_url: str = MISSING
     """Where the run writes its config, checkpoints and metrics log (any fsspec URL)."""
+    resume: str = "auto"
+    """'auto': continue from the newest committed checkpoint under output_url, if any;
+    'never': start afresh; or the URL of a checkpoint to start from."""
     epochs: int = 200
     """Passes over the training split."""
     batch_size: int = 256
@@ -228,6 +249,10 @@ def _validate(command: str, config: DictConfig) -> None:
             raise ConfigError(f"queue_size must be at least 1, got {config.queue_size}")
         if config.tau <= 0:
             raise ConfigError(f"tau must be positive, got {config.tau}")
+        if config.checkpoint.keep_last < 1:
+            raise ConfigError(
+                f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}"
+            )
 
 
 def to_yaml(config: DictConfig) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from jcl_k8s.data.sampler import GlobalBatchSampler
 from jcl_k8s.data.transforms import MultiCrop, moco_v2_augmentation
 from jcl_k8s.metrics import TrainingMetrics, job_label
 from jcl_k8s.model import JCL
+from jcl_k8s.preemption import EXIT_PREEMPTED, Preempted, StepAgreement
+from jcl_k8s.resume import Position, find_resume_point, gather_rng_states, restore
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,14 @@ class MetricsLog:
     def flush(self) -> None:
         storage.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
 
+    @staticmethod
+    def read(run_url: str) -> list[dict[str, Any]]:
+        """The records already written for a run (none when it has no log yet)."""
+        url = storage.join(run_url, "metrics.jsonl")
+        if not storage.exists(url):
+            return []
+        return [json.loads(line) for line in storage.read_text(url).splitlines() if line]
+
 
 def build_loader(config: DictConfig, env: distributed.DistEnv):
     index = load_split_index(config.data.url, "train", env)
@@ -123,7 +133,7 @@ def build_loader(config: DictConfig, env: distributed.DistEnv):
 
 
 def pretrain(config: DictConfig) -> dict[str, Any]:
-    """Train; returns the summary that is also written to RUN/final.json."""
+    """Train (or continue training); returns the summary also written to RUN/final.json."""
     env = distributed.setup()
     configure_logging(env)
     torch.manual_seed(config.seed)
@@ -131,9 +141,18 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
     metrics = TrainingMetrics("pretrain", job_label(config.metrics.job, run_url), env.rank,
                               env.local_rank, config.metrics.port)
     metrics.set_world_size(env.world_size)
-    if env.is_main:
-        storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
+    agreement = StepAgreement()
+    try:
+        return _train(config, env, metrics, agreement)
+    finally:
+        agreement.close()
+        metrics.close()
+        distributed.teardown()
 
+
+def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetrics,
+           agreement: StepAgreement) -> dict[str, Any]:
+    run_url = config.output_url
     dataset, sampler, loader = build_loader(config, env)
     log.info("train: %d images in %d classes from %s", len(dataset), len(dataset.classes),
              config.data.url)
@@ -144,6 +163,27 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
         shuffle_bn_groups=config.shuffle_bn_groups,
     ).to(env.device)
     core = model
+    base_lr = config.lr * config.batch_size / 256
+    optimizer = torch.optim.SGD(
+        core.query_encoder.parameters(), lr=base_lr, momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+    # Resume before DDP wraps the model, so DDP broadcasts the restored weights.
+    found = find_resume_point(config.resume, run_url) if env.is_main else None
+    found = distributed.broadcast_object(found)
+    position = Position()
+    metrics_log = MetricsLog(run_url)
+    if found is not None:
+        url, state = found
+        position = restore(state, url, core, optimizer, config.batch_size, len(dataset),
+                           env.rank, env.world_size, config.seed)
+        metrics_log.records = [r for r in MetricsLog.read(run_url)
+                               if r.get("global_step", 0) <= position.global_step]
+        metrics.count_resume()
+    if env.is_main:
+        storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
+
     if env.distributed:
         model = DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None
@@ -153,35 +193,60 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
     else:
         log.info("shuffle-BN: one process, nothing to shuffle across; keys are computed on a "
                  "shuffled batch split into %d BatchNorm groups instead", config.shuffle_bn_groups)
-
-    base_lr = config.lr * config.batch_size / 256
-    optimizer = torch.optim.SGD(
-        core.query_encoder.parameters(), lr=base_lr, momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
     mode = "JCL" if config.jcl and config.k_crops > 2 else "MoCo v2"
     log.info("%s: %s, k_crops %d, global batch %d (%d per process x %d), lr %.4g, K %d",
              mode, config.model.arch, config.k_crops, config.batch_size, sampler.local_batch,
              env.world_size, base_lr, config.queue_size)
 
+    writer = checkpoint.BackgroundWriter(
+        run_url, config.checkpoint.keep_last, config.checkpoint.keep_every_epochs,
+        on_saved=lambda seconds, size: metrics.observe_checkpoint(seconds=seconds,
+                                                                  size_bytes=size),
+        on_failed=metrics.observe_checkpoint_failure,
+    )
+    every_steps = config.checkpoint.every_steps
+    every_seconds = 60 * config.checkpoint.every_minutes
+    last_save = time.monotonic()
+    last_saved_step = position.global_step if found is not None else -1
+
+    def save(pos: Position, epoch_end: bool = False, wait: bool = False) -> None:
+        """Snapshot on rank 0 (all ranks take part in gathering RNG states)."""
+        nonlocal last_save, last_saved_step
+        rng = gather_rng_states(agreement.group)
+        if env.is_main and pos.global_step != last_saved_step:
+            state = {
+                "format": checkpoint.FORMAT, "epoch": pos.epoch, "arch": config.model.arch,
+                "state_dict": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "position": asdict(pos),
+                "data": {"global_batch": config.batch_size, "num_samples": len(dataset),
+                         "world_size": env.world_size, "seed": config.seed},
+                "rng": rng, "config": OmegaConf.to_container(config, resolve=True),
+                "versions": versions(),
+            }
+            metrics_log.flush()
+            started = time.perf_counter()
+            stalled = writer.save(pos.global_step, state, epoch_end=epoch_end, wait=wait)
+            log.info("checkpoint at global step %d: training stalled %.2f s%s", pos.global_step,
+                     stalled, f", saved in {time.perf_counter() - started:.1f} s" if wait else "")
+        last_save, last_saved_step = time.monotonic(), pos.global_step
+
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
-    metrics_log = MetricsLog(run_url)
     skips = SkipCounter()
-    global_step = 0
+    global_step = position.global_step
     last_loss = float("nan")
-    last_checkpoint = ""
     started = time.perf_counter()
     trained_samples = 0
 
-    for epoch in range(config.epochs):
+    for epoch in range(position.epoch, config.epochs):
         model.train()
-        lambda_t = lambda_at(config, epoch)
-        sampler.set_epoch(epoch)
         metrics.set_epoch(epoch, config.epochs)
+        lambda_t = lambda_at(config, epoch)
+        first_step = position.step_in_epoch if epoch == position.epoch else 0
+        sampler.set_epoch(epoch, first_step)
         window = Window()
         tick = time.perf_counter()
-        for step_in_epoch, (crops, _labels, _ids, skipped) in enumerate(loader):
+        for step_in_epoch, (crops, _labels, _ids, skipped) in enumerate(loader, first_step):
             data_ready = time.perf_counter()
             metrics.count_skipped_images(skips.update(skipped))
             crops = crops.to(env.device, non_blocking=True)
@@ -205,55 +270,68 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
             window.add(config.batch_size, data_ready - tick, done - tick,
                        torch.stack([loss.total, loss.ce, loss.jcl]).detach())
             if global_step % config.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
-                means = distributed.mean_over_ranks(torch.stack(window.losses).mean(0)).tolist()
-                last_loss = means[0]
-                throughput = window.samples / window.elapsed
-                eta = (total_steps - global_step) * window.elapsed / window.steps
-                record = {
-                    "phase": "pretrain", "time": time.time(), "epoch": epoch,
-                    "global_step": global_step, "loss": means[0], "ce": means[1],
-                    "jcl": means[2], "lr": lr, "images_per_second": throughput,
-                    "data_wait_share": window.data_wait / window.elapsed, "eta_seconds": eta,
-                }
-                metrics_log.append(record)
-                metrics.observe_log(loss=means[0], ce=means[1], jcl=means[2], lr=lr,
-                                    images_per_second=throughput, eta_seconds=eta,
-                                    global_step=global_step)
-                log.info(
-                    "epoch %d/%d step %d/%d loss %.4f ce %.4f jcl %.4f lr %.4g img/s %.1f "
-                    "data-wait %.0f%% eta %s", epoch + 1, config.epochs, step_in_epoch + 1,
-                    steps_per_epoch, means[0], means[1], means[2], lr, throughput,
-                    100 * record["data_wait_share"], format_eta(eta),
-                )
+                last_loss = _log_window(window, metrics, metrics_log, epoch, step_in_epoch,
+                                        steps_per_epoch, global_step, total_steps, lr, config)
                 window = Window()
+
+            # Step boundary: all ranks agree on preemption and on timed saves.
+            time_due = every_seconds > 0 and time.monotonic() - last_save >= every_seconds
+            step_due = every_steps > 0 and global_step % every_steps == 0
+            stop, save_now = agreement.agree(env.is_main and (time_due or step_due))
+            if save_now:
+                last_of_epoch = step_in_epoch + 1 == steps_per_epoch
+                here = (Position(epoch + 1, 0, global_step) if last_of_epoch
+                        else Position(epoch, step_in_epoch + 1, global_step))
+                # At the last step of an epoch the epoch-end save below does it.
+                if stop or not (last_of_epoch and config.checkpoint.at_epoch_end):
+                    save(here, epoch_end=last_of_epoch, wait=stop)
+            if stop:
+                metrics.count_preemption()
+                log.warning("stopped at global step %d after a preemption checkpoint; exit %d",
+                            global_step, EXIT_PREEMPTED)
+                raise Preempted(global_step)
             tick = time.perf_counter()
 
-        if env.is_main:
-            state = {
-                "format": checkpoint.FORMAT, "epoch": epoch + 1, "global_step": global_step,
-                "arch": config.model.arch, "state_dict": core.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": OmegaConf.to_container(config, resolve=True), "versions": versions(),
-            }
-            save_started = time.perf_counter()
-            data = checkpoint.serialize(state)
-            last_checkpoint = checkpoint.commit(run_url, global_step, data, state)
-            metrics.observe_checkpoint(seconds=time.perf_counter() - save_started,
-                                       size_bytes=len(data))
-            metrics_log.flush()
-            log.info("epoch %d done: checkpoint %s", epoch + 1, last_checkpoint)
-        distributed.barrier()
+        if config.checkpoint.at_epoch_end or epoch == config.epochs - 1:
+            save(Position(epoch + 1, 0, global_step), epoch_end=True,
+                 wait=epoch == config.epochs - 1)
 
     elapsed = time.perf_counter() - started
     skipped_total = int(distributed.sum_over_ranks(torch.tensor([skips.count])).item())
     summary = {
         "epochs": config.epochs, "global_steps": global_step,
-        "images_per_second": trained_samples / elapsed, "final_loss": last_loss,
-        "skipped_images": skipped_total, "world_size": env.world_size,
+        "images_per_second": trained_samples / elapsed if trained_samples else 0.0,
+        "final_loss": last_loss, "skipped_images": skipped_total, "world_size": env.world_size,
     }
+    final_url = storage.join(run_url, "checkpoints", checkpoint.checkpoint_name(global_step))
     if env.is_main:
-        checkpoint.write_final(run_url, last_checkpoint, summary)
+        writer.wait()
+        metrics_log.flush()
+        checkpoint.write_final(run_url, final_url, summary)
         log.info("pretrain done in %.0f s: %s", elapsed, json.dumps(summary))
-    distributed.teardown()
-    metrics.close()
-    return {**summary, "checkpoint_url": last_checkpoint}
+    distributed.barrier()
+    return {**summary, "checkpoint_url": final_url}
+
+
+def _log_window(window: Window, metrics: TrainingMetrics, metrics_log: MetricsLog, epoch: int,
+                step_in_epoch: int, steps_per_epoch: int, global_step: int, total_steps: int,
+                lr: float, config: DictConfig) -> float:
+    """One log line and metrics record for the steps since the last one; returns the loss."""
+    means = distributed.mean_over_ranks(torch.stack(window.losses).mean(0)).tolist()
+    throughput = window.samples / window.elapsed
+    eta = (total_steps - global_step) * window.elapsed / window.steps
+    record = {
+        "phase": "pretrain", "time": time.time(), "epoch": epoch, "global_step": global_step,
+        "loss": means[0], "ce": means[1], "jcl": means[2], "lr": lr,
+        "images_per_second": throughput, "data_wait_share": window.data_wait / window.elapsed,
+        "eta_seconds": eta,
+    }
+    metrics_log.append(record)
+    metrics.observe_log(loss=means[0], ce=means[1], jcl=means[2], lr=lr,
+                        images_per_second=throughput, eta_seconds=eta, global_step=global_step)
+    log.info(
+        "epoch %d/%d step %d/%d loss %.4f ce %.4f jcl %.4f lr %.4g img/s %.1f data-wait %.0f%% "
+        "eta %s", epoch + 1, config.epochs, step_in_epoch + 1, steps_per_epoch, means[0],
+        means[1], means[2], lr, throughput, 100 * record["data_wait_share"], format_eta(eta),
+    )
+    return means[0]
