@@ -5,6 +5,8 @@ one line on stderr and exit status 2, before any training starts.
 """
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -96,16 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTENSIONS = ("jcl_k8s.k8s.cli", "jcl_k8s.observability.cli")
+
+
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommands owned by other parts of the package (Kubernetes, reports)."""
+    """`add_commands` of the parts of the package that own subcommands of their own."""
     registrations = []
-    try:
-        from jcl_k8s.k8s.cli import add_commands as k8s_commands
-    except ImportError as error:
-        if error.name != "jcl_k8s.k8s.cli":
-            raise
-    else:
-        registrations.append(k8s_commands)
+    for name in EXTENSIONS:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) is not None:
+            registrations.append(importlib.import_module(name).add_commands)
     return registrations
 
 

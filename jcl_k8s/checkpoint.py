@@ -1,0 +1,181 @@
+"""Checkpoints at any fsspec URL: the committed layout, loading, and formats.
+
+Layout under a run URL:
+
+    RUN/checkpoints/step-000001234/state.pt   torch.save of the state dict
+    RUN/checkpoints/step-000001234/COMMIT     JSON {sha256, bytes, ...}, written last
+    RUN/final.json                            written once training is complete
+
+S3 has no rename, so a checkpoint becomes valid only when its COMMIT object
+exists; readers ignore prefixes without one, and a state whose size or
+checksum does not match its COMMIT is skipped with a warning, falling back to
+the previous committed checkpoint. Loading uses `weights_only=True`: a
+checkpoint in a bucket cannot run code.
+
+State-dict formats understood by `backbone_state_dict`:
+- this project's: `state_dict` keys `query_encoder.<resnet key>`,
+  `key_encoder.<resnet key>`, `queue`, `queue_ptr` (fc.* is the projection head);
+- the published MoCo / JCL format: the same under `module.encoder_q.` /
+  `module.encoder_k.` / `module.queue`;
+- a plain torchvision ResNet state dict (what `export` writes).
+"""
+
+import hashlib
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from jcl_k8s import storage
+from jcl_k8s.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "jcl-k8s/1"
+STATE_FILE = "state.pt"
+COMMIT_FILE = "COMMIT"
+FINAL_FILE = "final.json"
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step-{global_step:09d}"
+
+
+def serialize(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save(run_url: str, global_step: int, state: dict[str, Any]) -> str:
+    """Write `state` as a committed checkpoint of `run_url`; returns its URL."""
+    return commit(run_url, global_step, serialize(state), state)
+
+
+def commit(run_url: str, global_step: int, data: bytes, state: dict[str, Any]) -> str:
+    url = storage.join(run_url, "checkpoints", checkpoint_name(global_step))
+    storage.write_bytes(storage.join(url, STATE_FILE), data)
+    marker = {
+        "format": FORMAT,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "epoch": state.get("epoch"),
+        "global_step": global_step,
+        "created": time.time(),
+    }
+    storage.write_text(storage.join(url, COMMIT_FILE), json.dumps(marker))
+    return url
+
+
+def committed(run_url: str) -> list[str]:
+    """URLs of the run's checkpoints that have a COMMIT marker, oldest first."""
+    fs, path = storage.url_to_fs(storage.join(run_url, "checkpoints"))
+    with storage.explained(run_url, "listing checkpoints of"):
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return []
+        markers = [p for p in fs.find(path) if p.endswith("/" + COMMIT_FILE)]
+    names = sorted(p.rsplit("/", 2)[-2] for p in markers)
+    return [storage.join(run_url, "checkpoints", name) for name in names]
+
+
+def _read_verified(checkpoint_url: str) -> bytes:
+    marker_url = storage.join(checkpoint_url, COMMIT_FILE)
+    try:
+        marker = json.loads(storage.read_text(marker_url))
+        expected_sha, expected_bytes = marker["sha256"], int(marker["bytes"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{marker_url} is not a valid commit marker ({error})") from None
+    try:
+        data = storage.read_bytes(storage.join(checkpoint_url, STATE_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint_url} is committed but has no {STATE_FILE}") from None
+    if len(data) != expected_bytes:
+        raise CheckpointError(
+            f"{checkpoint_url}/{STATE_FILE} has {len(data)} bytes, its commit says {expected_bytes}"
+        )
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise CheckpointError(f"{checkpoint_url}/{STATE_FILE} does not match its checksum")
+    return data
+
+
+def _deserialize(data: bytes, url: str) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a non-checkpoint
+        raise CheckpointError(f"{url} is not a checkpoint this tool can load: {error}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{url} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def load_latest(run_url: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest intact committed checkpoint of a run, or None when there is none.
+
+    A damaged one (missing object, wrong size, wrong checksum) is skipped with a
+    warning naming it.
+    """
+    for url in reversed(committed(run_url)):
+        try:
+            return url, _deserialize(_read_verified(url), url)
+        except CheckpointError as error:
+            log.warning("skipping damaged checkpoint: %s", error)
+    return None
+
+
+def load(url: str) -> tuple[str, dict[str, Any]]:
+    """Load a checkpoint given as a file, a committed checkpoint prefix or a run URL."""
+    if storage.exists(storage.join(url, COMMIT_FILE)):
+        return url, _deserialize(_read_verified(url), url)
+    if storage.exists(storage.join(url, "checkpoints")):
+        found = load_latest(url)
+        if found is None:
+            raise CheckpointError(f"run {url} has no intact committed checkpoint")
+        return found
+    try:
+        data = storage.read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"checkpoint {url} does not exist") from None
+    return url, _deserialize(data, url)
+
+
+def backbone_state_dict(state: dict[str, Any], url: str) -> dict[str, torch.Tensor]:
+    """The query backbone's torchvision ResNet keys, without the `fc.*` head."""
+    weights = state.get("state_dict", state)
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f"{url} has no state_dict")
+    for prefix in ("query_encoder.", "module.encoder_q.", "encoder_q.", ""):
+        picked = {
+            key[len(prefix) :]: value
+            for key, value in weights.items()
+            if key.startswith(prefix) and isinstance(value, torch.Tensor)
+        }
+        if prefix and picked or not prefix and "conv1.weight" in picked:
+            return {key: value for key, value in picked.items() if not key.startswith("fc.")}
+    first = next(iter(weights))
+    raise CheckpointError(
+        f"{url} is not a ResNet checkpoint: no query_encoder.*, module.encoder_q.* or conv1.weight "
+        f"keys (first key: {first!r})"
+    )
+
+
+def write_final(run_url: str, checkpoint_url: str, summary: dict[str, Any]) -> None:
+    storage.write_text(
+        storage.join(run_url, FINAL_FILE), json.dumps({"checkpoint": checkpoint_url, **summary})
+    )
+
+
+def wait_for_final(run_url: str, timeout: float, poll: float = 5.0) -> None:
+    """Block until `run_url` has finished (its final.json exists), at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not storage.exists(storage.join(run_url, FINAL_FILE)):
+        if time.monotonic() > deadline:
+            raise CheckpointError(
+                f"pretrain run {run_url} has not finished after {timeout:.0f} s "
+                f"(no {FINAL_FILE}); raise wait_for_pretrained or check that run"
+            )
+        log.info("waiting for pretrain run %s to finish", run_url)
+        time.sleep(poll)
