@@ -128,11 +128,16 @@ def training_config(values: dict[str, Any], job: str) -> dict[str, Any]:
 
 
 def _drop_nulls(tree: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: _drop_nulls(value) if isinstance(value, dict) else value
-        for key, value in tree.items()
-        if value is not None
-    }
+    """Leave out null settings (the preset's apply), and maps left empty by that."""
+    kept = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner = _drop_nulls(value)
+            if inner or not value:
+                kept[key] = inner
+        elif value is not None:
+            kept[key] = value
+    return kept
 
 
 def pytorch_job(values: dict[str, Any], job: str) -> dict[str, Any]:
