@@ -221,8 +221,13 @@ def _check_type(value: Any, default: Any, path: Path, source: str) -> None:
     where = f"{source}: " if source else ""
     hint = " (quote it, or use --set-string)" if expected == "string" else ""
     raise ValuesError(
-        f"{where}{format_path(path)} must be a {expected}, got {actual} {value!r}{hint}"
+        f"{where}{format_path(path)} must be {_article(expected)} {expected}, "
+        f"got {actual} {value!r}{hint}"
     )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _kind(value: Any) -> str:
