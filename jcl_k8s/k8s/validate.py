@@ -82,7 +82,9 @@ def crd_schemas(schema_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> openAPIV3Schema, from every CRD file in `schema_dir`."""
     schemas = {}
     for path in sorted(schema_dir.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+        # The CRD files are large (hundreds of kB): the C loader, where present, is ~10x faster.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        for doc in yaml.load_all(path.read_text(encoding="utf-8"), Loader=loader):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
             group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
