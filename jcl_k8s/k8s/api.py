@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from urllib3.exceptions import HTTPError
+
 from jcl_k8s.errors import UserError
 
 FIELD_MANAGER = "jcl-k8s"
@@ -52,15 +54,16 @@ class Cluster:
         from kubernetes import client, config
 
         configuration = client.Configuration()
-        default_file = os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config"))
+        # The client reads $KUBECONFIG once, at import; read it now instead.
+        default_file = os.environ.get("KUBECONFIG", "~/.kube/config").split(os.pathsep)[0]
+        config_file = kubeconfig or os.path.expanduser(default_file)
         try:
-            if kubeconfig or context or os.path.exists(default_file.split(os.pathsep)[0]):
+            if kubeconfig or context or os.path.exists(config_file):
                 config.load_kube_config(
-                    config_file=kubeconfig, context=context, client_configuration=configuration
+                    config_file=config_file, context=context, client_configuration=configuration
                 )
-                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                contexts, active = config.list_kube_config_contexts(config_file=config_file)
                 if context:
-                    contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
                     active = next(c for c in contexts if c["name"] == context)
                 found = (active or {}).get("context", {}).get("namespace")
             else:
@@ -114,9 +117,14 @@ def apply(
             return cluster.api_client.sanitize_for_serialization(result)
     except ApiException as error:
         raise ClusterError(explain(error, obj)) from None
-    except OSError as error:
-        raise ClusterError(f"cannot reach the Kubernetes API server: {error}") from None
+    except (OSError, HTTPError) as error:
+        raise ClusterError(f"cannot reach the Kubernetes API server: {_short(error)}") from None
     raise ClusterError(f"{_ref(obj)}: submit does not know how to apply {obj['apiVersion']} {kind}")
+
+
+def _short(error: Exception) -> str:
+    reason = getattr(error, "reason", None) or error
+    return " ".join(str(reason).split())
 
 
 def _namespace(cluster: Cluster, obj: dict[str, Any]) -> str:
@@ -184,8 +192,8 @@ def job_status(cluster: Cluster, name: str) -> Iterator[str]:
         job_ref = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
                    "metadata": {"name": name}}
         raise ClusterError(explain(error, job_ref, what=f"{ref} in {cluster.namespace}")) from None
-    except OSError as error:
-        raise ClusterError(f"cannot reach the Kubernetes API server: {error}") from None
+    except (OSError, HTTPError) as error:
+        raise ClusterError(f"cannot reach the Kubernetes API server: {_short(error)}") from None
 
     status = job.get("status") or {}
     yield f"{ref} (namespace {cluster.namespace})"
