@@ -130,14 +130,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # A CPU-sized run on small images, used by the demo.
         "small": {
             "data": {"image_size": 32, "num_workers": 1, "cache_bytes": True},
-            "model": {"arch": "resnet18", "stem": "small"},
-            "epochs": 10,
+            "model": {"arch": "resnet18"},
+            "epochs": 15,
             "batch_size": 128,
             "lr": 0.06,
             "weight_decay": 5e-4,
             "k_crops": 3,
             "jcl_lambda": 2.0,
-            "queue_size": 4096,
+            "queue_size": 2048,
             "key_momentum": 0.99,
             "log_every": 10,
         },
@@ -146,7 +146,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "imagenet": {},
         "small": {
             "data": {"image_size": 32, "num_workers": 1, "cache_bytes": True},
-            "model": {"arch": "resnet18", "stem": "small"},
+            "model": {"arch": "resnet18"},
             "epochs": 30,
             "batch_size": 256,
             "lr": 0.5,

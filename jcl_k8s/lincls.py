@@ -26,6 +26,7 @@ from jcl_k8s.data.dataset import ImageSplit, SkipCounter, fetch_all
 from jcl_k8s.data.sampler import GlobalBatchSampler
 from jcl_k8s.data.transforms import eval_transform, linear_train_transform
 from jcl_k8s.errors import CheckpointError, DataError
+from jcl_k8s.metrics import TrainingMetrics, job_label
 from jcl_k8s.model import build_resnet
 from jcl_k8s.pretrain import MetricsLog, configure_logging, load_split_index
 
@@ -44,10 +45,12 @@ def load_backbone(config: DictConfig, num_classes: int) -> nn.Module:
         expected = {k for k in net.state_dict() if not k.startswith("fc.")}
         missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
         if missing or unexpected:
+            first_missing = missing[0] if missing else None
+            first_unexpected = unexpected[0] if unexpected else None
             raise CheckpointError(
-                f"{url} does not fit model.arch={config.model.arch} model.stem={config.model.stem}: "
-                f"first missing key {missing[0] if missing else None!r}, "
-                f"first unexpected key {unexpected[0] if unexpected else None!r}"
+                f"{url} does not fit model.arch={config.model.arch} "
+                f"model.stem={config.model.stem}: first missing key {first_missing!r}, "
+                f"first unexpected key {first_unexpected!r}"
             )
         shapes = [k for k, v in weights.items() if v.shape != net.state_dict()[k].shape]
         if shapes:
@@ -110,6 +113,9 @@ def lincls(config: DictConfig) -> dict[str, Any]:
     configure_logging(env)
     torch.manual_seed(config.seed)
     run_url = config.output_url
+    metrics = TrainingMetrics("lincls", job_label(config.metrics.job, run_url), env.rank,
+                              env.local_rank, config.metrics.port)
+    metrics.set_world_size(env.world_size)
     if env.is_main:
         storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
 
@@ -148,7 +154,8 @@ def lincls(config: DictConfig) -> dict[str, Any]:
         train_x, train_y = _gather_features(*_features(net, shard_loader(train), env.device, skips),
                                             env)
         val_x, val_y = _gather_features(*_features(net, shard_loader(val), env.device, skips), env)
-        result = _train_on_features(config, net.fc, train_x, train_y, val_x, val_y, metrics_log)
+        result = _train_on_features(config, net.fc, train_x, train_y, val_x, val_y, metrics_log,
+                                    metrics)
     else:
         result = _train_end_to_end(config, net, train, val, env, shard_loader, loader_options,
                                    skips, metrics_log)
@@ -163,6 +170,7 @@ def lincls(config: DictConfig) -> dict[str, Any]:
         storage.write_text(storage.join(run_url, "results.json"), json.dumps(result, indent=2))
         log.info("lincls done: top-1 %.2f%% top-5 %.2f%%", result["top1"], result["top5"])
     distributed.teardown()
+    metrics.close()
     return result
 
 
@@ -170,7 +178,7 @@ def _lr_at(config: DictConfig, epoch: int, base_lr: float) -> float:
     return base_lr * 0.1 ** sum(epoch >= m for m in config.lr_milestones)
 
 
-def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log) -> dict[str, Any]:
+def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log, metrics):
     """Train the linear layer on stored features; every rank does the same, identically."""
     if config.standardize:
         mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
@@ -182,6 +190,7 @@ def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log) 
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
     for epoch in range(config.epochs):
+        metrics.set_epoch(epoch, config.epochs)
         lr = _lr_at(config, epoch, base_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -189,19 +198,25 @@ def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log) 
         losses = []
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
+            t0 = time.perf_counter()
             loss = F.cross_entropy(fc(train_x[batch]), train_y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             step += 1
+            metrics.observe_step(samples=len(batch), step_seconds=time.perf_counter() - t0,
+                                 data_wait_seconds=0.0)
         metrics_log.append({"phase": "lincls", "time": time.time(), "epoch": epoch,
                             "global_step": step, "loss": sum(losses) / len(losses), "lr": lr,
                             "images_per_second": 0.0, "data_wait_share": 0.0})
+        metrics.observe_log(loss=sum(losses) / len(losses), lr=lr, images_per_second=0.0,
+                            eta_seconds=0.0, global_step=step)
     with torch.no_grad():
         top1, top5 = accuracy(fc(val_x), val_y)
     result = {"top1": 100 * top1 / len(val_y), "top5": 100 * top5 / len(val_y),
               "val_images": len(val_y), "train_images": len(train_y), "epochs": config.epochs}
+    metrics.observe_accuracy(top1=result["top1"], top5=result["top5"])
     metrics_log.append({"phase": "lincls", "time": time.time(), "epoch": config.epochs - 1,
                         "top1": result["top1"], "top5": result["top5"]})
     return result
@@ -215,7 +230,8 @@ def _evaluate(net, loader, device, skips) -> tuple[float, float, int]:
             top1, top5 = accuracy(net(images.to(device, non_blocking=True)), labels.to(device))
             hits += torch.tensor([top1, top5, len(labels)])
     hits = distributed.sum_over_ranks(hits)
-    return 100 * hits[0].item() / hits[2].item(), 100 * hits[1].item() / hits[2].item(), int(hits[2])
+    total = int(hits[2])
+    return 100 * hits[0].item() / total, 100 * hits[1].item() / total, total
 
 
 def _train_end_to_end(config, net, train, val, env, shard_loader, loader_options, skips,

@@ -28,6 +28,7 @@ from jcl_k8s.data.dataset import ImageSplit, SkipCounter, fetch_all
 from jcl_k8s.data.index import load_index
 from jcl_k8s.data.sampler import GlobalBatchSampler
 from jcl_k8s.data.transforms import MultiCrop, moco_v2_augmentation
+from jcl_k8s.metrics import TrainingMetrics, job_label
 from jcl_k8s.model import JCL
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
     configure_logging(env)
     torch.manual_seed(config.seed)
     run_url = config.output_url
+    metrics = TrainingMetrics("pretrain", job_label(config.metrics.job, run_url), env.rank,
+                              env.local_rank, config.metrics.port)
+    metrics.set_world_size(env.world_size)
     if env.is_main:
         storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
 
@@ -174,11 +178,12 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
         model.train()
         lambda_t = lambda_at(config, epoch)
         sampler.set_epoch(epoch)
+        metrics.set_epoch(epoch, config.epochs)
         window = Window()
         tick = time.perf_counter()
         for step_in_epoch, (crops, _labels, _ids, skipped) in enumerate(loader):
             data_ready = time.perf_counter()
-            skips.update(skipped)
+            metrics.count_skipped_images(skips.update(skipped))
             crops = crops.to(env.device, non_blocking=True)
             lr = lr_at(config, epoch + step_in_epoch / steps_per_epoch, base_lr)
             for group in optimizer.param_groups:
@@ -195,6 +200,8 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
             trained_samples += config.batch_size
 
             done = time.perf_counter()
+            metrics.observe_step(samples=sampler.local_batch, step_seconds=done - tick,
+                                 data_wait_seconds=data_ready - tick)
             window.add(config.batch_size, data_ready - tick, done - tick,
                        torch.stack([loss.total, loss.ce, loss.jcl]).detach())
             if global_step % config.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
@@ -209,6 +216,9 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
                     "data_wait_share": window.data_wait / window.elapsed, "eta_seconds": eta,
                 }
                 metrics_log.append(record)
+                metrics.observe_log(loss=means[0], ce=means[1], jcl=means[2], lr=lr,
+                                    images_per_second=throughput, eta_seconds=eta,
+                                    global_step=global_step)
                 log.info(
                     "epoch %d/%d step %d/%d loss %.4f ce %.4f jcl %.4f lr %.4g img/s %.1f "
                     "data-wait %.0f%% eta %s", epoch + 1, config.epochs, step_in_epoch + 1,
@@ -225,7 +235,11 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
                 "optimizer": optimizer.state_dict(),
                 "config": OmegaConf.to_container(config, resolve=True), "versions": versions(),
             }
-            last_checkpoint = checkpoint.save(run_url, global_step, state)
+            save_started = time.perf_counter()
+            data = checkpoint.serialize(state)
+            last_checkpoint = checkpoint.commit(run_url, global_step, data, state)
+            metrics.observe_checkpoint(seconds=time.perf_counter() - save_started,
+                                       size_bytes=len(data))
             metrics_log.flush()
             log.info("epoch %d done: checkpoint %s", epoch + 1, last_checkpoint)
         distributed.barrier()
@@ -241,4 +255,5 @@ def pretrain(config: DictConfig) -> dict[str, Any]:
         checkpoint.write_final(run_url, last_checkpoint, summary)
         log.info("pretrain done in %.0f s: %s", elapsed, json.dumps(summary))
     distributed.teardown()
+    metrics.close()
     return {**summary, "checkpoint_url": last_checkpoint}

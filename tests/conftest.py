@@ -66,3 +66,18 @@ def bucket(s3_server):
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory) -> Path:
+    """A small Fashion-MNIST subset in ImageNet layout on local disk (20 + 5 per class)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    from jcl_k8s.data.fashion_mnist import prepare_fashion_mnist
+
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    prepare_fashion_mnist(str(root), per_class=20, val_per_class=5)
+    return root

@@ -55,7 +55,9 @@ def list_split(root: str, split: str, classes: list[str] | None = None) -> Split
         if not fs.exists(root_path):
             raise DataError(f"data.url {root} does not exist")
         if not fs.isdir(split_path):
-            raise DataError(f"data.url {root} has no {split}/ folder (expected {split}/<class>/<image>)")
+            raise DataError(
+                f"data.url {root} has no {split}/ folder (expected {split}/<class>/<image>)"
+            )
         folders = sorted(
             entry["name"].rstrip("/").rsplit("/", 1)[-1]
             for entry in fs.ls(split_path, detail=True)
