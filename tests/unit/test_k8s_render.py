@@ -132,9 +132,9 @@ def test_configmap_is_a_config_the_trainer_loads(tmp_path, job):
     assert config.metrics.port == 9400
     if job == "pretrain":
         assert (config.k_crops, config.jcl_lambda, config.lr) == (4, 1.5, 0.1)
-    # Defaults left null are the preset's: the small preset still applies to them.
+    # Settings left null are the preset's: the small preset still applies to them.
     small = load_config(job, "small", [str(path)])
-    assert small.model.stem == "small"
+    assert small.data.cache_bytes and not config.data.cache_bytes
 
 
 def test_overrides_land_where_expected(tmp_path):
