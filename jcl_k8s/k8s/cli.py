@@ -57,7 +57,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from jcl_k8s.k8s.entrypoint import launch
 
-    return launch(args.command, args.dns_timeout)
+    return launch(args.trainer_args, args.dns_timeout)
 
 
 def _run_local(args: argparse.Namespace) -> int:
@@ -135,7 +135,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="seconds to wait for the host in PET_RDZV_ENDPOINT to resolve (default 600)",
     )
     launch.add_argument(
-        "command", nargs=argparse.REMAINDER,
+        "trainer_args", nargs=argparse.REMAINDER, metavar="-- COMMAND",
         help="-- pretrain|lincls [--preset P] --config FILE [key=value ...]",
     )
     launch.set_defaults(handler=_launch)

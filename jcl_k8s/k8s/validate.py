@@ -36,6 +36,9 @@ def problems(objects: Iterable[dict[str, Any]], schema_dir: Path | None = None) 
     """Every layer for every object; schemas only when `schema_dir` is given."""
     found: list[str] = []
     for obj in objects:
+        if not isinstance(obj, dict) or not obj.get("apiVersion") or not obj.get("kind"):
+            found.append(f"{str(obj)[:60]!r}: not a Kubernetes object (no apiVersion and kind)")
+            continue
         if schema_dir is not None:
             found += schema_problems(obj, schema_dir)
         found += webhook_problems(obj)
