@@ -287,3 +287,13 @@ def wait_for_final(run_url: str, timeout: float, poll: float = 5.0) -> None:
             )
         log.info("waiting for pretrain run %s to finish", run_url)
         time.sleep(poll)
+
+
+def export_backbone(source: str, out: str) -> int:
+    """Write the query backbone of `source` (a checkpoint file, a committed
+    checkpoint or a run URL) as a plain torchvision ResNet state dict without
+    the head; returns the number of tensors written."""
+    url, state = load(source)
+    weights = backbone_state_dict(state, url)
+    storage.write_bytes(out, serialize(weights))
+    return len(weights)

@@ -61,6 +61,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from jcl_k8s.checkpoint import export_backbone
+
+    count = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {count} backbone tensors (no fc) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jcl-k8s", description="JCL / MoCo v2 pretraining and linear evaluation"
@@ -92,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
     demo.add_argument("--epochs", type=int, default=None, help="pretrain epochs")
     demo.set_defaults(handler=_demo)
+
+    export = commands.add_parser("export", help="write the backbone as a torchvision state_dict")
+    export.add_argument("checkpoint", help="checkpoint file, committed checkpoint or run URL")
+    export.add_argument("out", help="destination file URL")
+    export.set_defaults(handler=_export)
 
     for register in _extensions():
         register(commands)

@@ -29,6 +29,10 @@ class DataConfig:
     """DataLoader worker processes per training process."""
     cache_bytes: bool = False
     """Read every encoded image once at start and keep the bytes in memory (small data only)."""
+    trace_ids: bool = False
+    """Write the sample ids of every step to RUN/traces/ (to audit the data order)."""
+    min_crop_scale: float = 0.2
+    """Smallest area share of RandomResizedCrop in the pretraining augmentation (MoCo v2: 0.2)."""
 
 
 @dataclass
@@ -118,6 +122,8 @@ class LinclsConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     pretrained: str = ""
     """Checkpoint file or pretrain run URL (newest committed checkpoint); '' = random backbone."""
+    resume: str = "auto"
+    """'auto': continue from this run's newest committed epoch, if any; 'never': start afresh."""
     wait_for_pretrained: float = 0.0
     """Seconds to wait for the pretrain run's final checkpoint to appear (0 = do not wait)."""
     output_url: str = MISSING

@@ -51,6 +51,11 @@ def setup(timeout_minutes: float = 10.0) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def is_main() -> bool:
+    """Rank 0, or a process without a process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

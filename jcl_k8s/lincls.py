@@ -158,7 +158,7 @@ def lincls(config: DictConfig) -> dict[str, Any]:
                                     metrics)
     else:
         result = _train_end_to_end(config, net, train, val, env, shard_loader, loader_options,
-                                   skips, metrics_log)
+                                   skips, metrics_log, metrics)
 
     result["seconds"] = time.perf_counter() - started
     result["skipped_images"] = int(
@@ -174,6 +174,43 @@ def lincls(config: DictConfig) -> dict[str, Any]:
     return result
 
 
+class EpochCheckpoints:
+    """lincls's own resume: the classifier and its optimiser after every epoch,
+    committed under the lincls run URL like pretrain checkpoints."""
+
+    def __init__(self, config: DictConfig, is_main: bool, fc: nn.Module,
+                 optimizer: torch.optim.Optimizer):
+        self.config, self.is_main, self.fc, self.optimizer = config, is_main, fc, optimizer
+
+    def resume(self) -> int:
+        """The number of epochs already done (0 for a fresh run)."""
+        if self.config.resume == "never":
+            return 0
+        found = distributed.broadcast_object(
+            checkpoint.load_latest(self.config.output_url) if self.is_main else None
+        )
+        if found is None:
+            return 0
+        url, state = found
+        if state.get("kind") != "lincls" or state.get("pretrained") != self.config.pretrained:
+            raise CheckpointError(
+                f"{url} is not a lincls checkpoint of pretrained={self.config.pretrained!r}; "
+                "use a new output_url or resume=never"
+            )
+        self.fc.load_state_dict(state["fc"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        log.info("resumed lincls from %s after epoch %d", url, state["epoch"])
+        return int(state["epoch"])
+
+    def save(self, epochs_done: int) -> None:
+        if self.is_main:
+            state = {"format": checkpoint.FORMAT, "kind": "lincls", "epoch": epochs_done,
+                     "pretrained": self.config.pretrained, "fc": self.fc.state_dict(),
+                     "optimizer": self.optimizer.state_dict()}
+            checkpoint.save(self.config.output_url, epochs_done, state, epoch_end=True)
+            checkpoint.prune(self.config.output_url, keep_last=2)
+
+
 def _lr_at(config: DictConfig, epoch: int, base_lr: float) -> float:
     return base_lr * 0.1 ** sum(epoch >= m for m in config.lr_milestones)
 
@@ -187,10 +224,12 @@ def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log, 
     base_lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.SGD(fc.parameters(), lr=base_lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    step = 0
-    for epoch in range(config.epochs):
+    progress = EpochCheckpoints(config, distributed.is_main(), fc, optimizer)
+    first_epoch = progress.resume()
+    step = first_epoch * -(-len(train_x) // config.batch_size)
+    for epoch in range(first_epoch, config.epochs):
         metrics.set_epoch(epoch, config.epochs)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         lr = _lr_at(config, epoch, base_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -212,6 +251,7 @@ def _train_on_features(config, fc, train_x, train_y, val_x, val_y, metrics_log, 
                             "images_per_second": 0.0, "data_wait_share": 0.0})
         metrics.observe_log(loss=sum(losses) / len(losses), lr=lr, images_per_second=0.0,
                             eta_seconds=0.0, global_step=step)
+        progress.save(epoch + 1)
     with torch.no_grad():
         top1, top5 = accuracy(fc(val_x), val_y)
     result = {"top1": 100 * top1 / len(val_y), "top5": 100 * top5 / len(val_y),
@@ -235,7 +275,7 @@ def _evaluate(net, loader, device, skips) -> tuple[float, float, int]:
 
 
 def _train_end_to_end(config, net, train, val, env, shard_loader, loader_options, skips,
-                      metrics_log) -> dict[str, Any]:
+                      metrics_log, metrics) -> dict[str, Any]:
     """The paper's recipe: augmented images through the frozen (eval-mode) backbone."""
     sampler = GlobalBatchSampler(len(train), config.batch_size, env.rank, env.world_size,
                                  config.seed)
@@ -248,14 +288,17 @@ def _train_end_to_end(config, net, train, val, env, shard_loader, loader_options
     base_lr = config.lr * config.batch_size / 256
     optimizer = torch.optim.SGD(net.fc.parameters(), lr=base_lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    step = 0
-    for epoch in range(config.epochs):
+    progress = EpochCheckpoints(config, env.is_main, net.fc, optimizer)
+    first_epoch = progress.resume()
+    step = first_epoch * sampler.steps_per_epoch
+    for epoch in range(first_epoch, config.epochs):
         lr = _lr_at(config, epoch, base_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)
         net.eval()
-        tick, wait, seen, losses = time.perf_counter(), 0.0, 0, []
+        epoch_start = tick = time.perf_counter()
+        wait, seen, losses = 0.0, 0, []
         for images, labels, _ids, skipped in loader:
             wait_end = time.perf_counter()
             skips.update(skipped)
@@ -268,17 +311,23 @@ def _train_end_to_end(config, net, train, val, env, shard_loader, loader_options
             step += 1
             seen += config.batch_size
             wait += wait_end - tick
+            metrics.observe_step(samples=len(labels), step_seconds=time.perf_counter() - tick,
+                                 data_wait_seconds=wait_end - tick)
             if step % config.log_every == 0:
                 log.info("lincls epoch %d/%d step %d loss %.4f lr %.4g", epoch + 1,
                          config.epochs, step, losses[-1].item(), lr)
             tick = time.perf_counter()
-        elapsed = max(time.perf_counter() - tick + 1e-9, 1e-9)
+        elapsed = time.perf_counter() - epoch_start
         mean_loss = distributed.mean_over_ranks(torch.stack(losses).mean().reshape(1)).item()
+        metrics.observe_log(loss=mean_loss, lr=lr, images_per_second=seen / elapsed,
+                            eta_seconds=elapsed * (config.epochs - epoch - 1), global_step=step)
         metrics_log.append({"phase": "lincls", "time": time.time(), "epoch": epoch,
                             "global_step": step, "loss": mean_loss, "lr": lr,
                             "images_per_second": seen / elapsed,
                             "data_wait_share": min(1.0, wait / elapsed)})
+        progress.save(epoch + 1)
     top1, top5, n = _evaluate(model, shard_loader(val), env.device, skips)
+    metrics.observe_accuracy(top1=top1, top5=top5)
     metrics_log.append({"phase": "lincls", "time": time.time(), "epoch": config.epochs - 1,
                         "top1": top1, "top5": top5})
     return {"top1": top1, "top5": top5, "val_images": n, "train_images": len(train),

@@ -13,6 +13,7 @@ each process takes batch_size / world_size images per step.
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -113,10 +114,34 @@ class MetricsLog:
         return [json.loads(line) for line in storage.read_text(url).splitlines() if line]
 
 
+class IdTrace:
+    """Per rank: the sample ids of every step of this attempt, written at each save."""
+
+    def __init__(self, run_url: str, rank: int, enabled: bool):
+        self.enabled = enabled
+        self.url = storage.join(run_url, "traces", f"attempt-{time.time_ns()}-rank{rank}.json")
+        self.steps: list[list[int]] = []
+
+    def add(self, epoch: int, global_step: int, ids: torch.Tensor) -> None:
+        if self.enabled:
+            self.steps.append([epoch, global_step, *ids.tolist()])
+
+    def flush(self) -> None:
+        if self.enabled and self.steps:
+            storage.write_text(self.url, json.dumps(self.steps))
+
+
+def ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the training process, which must live
+    to save a checkpoint; they stop when it shuts its loader down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(config: DictConfig, env: distributed.DistEnv):
     index = load_split_index(config.data.url, "train", env)
     cache = fetch_all(config.data.url, "train", index) if config.data.cache_bytes else None
-    transform = MultiCrop(moco_v2_augmentation(config.data.image_size), config.k_crops)
+    augmentation = moco_v2_augmentation(config.data.image_size, config.data.min_crop_scale)
+    transform = MultiCrop(augmentation, config.k_crops)
     dataset = ImageSplit(config.data.url, "train", index, transform, config.seed, cache)
     sampler = GlobalBatchSampler(
         len(dataset), config.batch_size, env.rank, env.world_size, config.seed
@@ -128,6 +153,7 @@ def build_loader(config: DictConfig, env: distributed.DistEnv):
         pin_memory=env.device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
         multiprocessing_context="fork" if config.data.num_workers > 0 else None,
+        worker_init_fn=ignore_sigterm,
     )
     return dataset, sampler, loader
 
@@ -213,6 +239,7 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
         """Snapshot on rank 0 (all ranks take part in gathering RNG states)."""
         nonlocal last_save, last_saved_step
         rng = gather_rng_states(agreement.group)
+        trace.flush()
         if env.is_main and pos.global_step != last_saved_step:
             state = {
                 "format": checkpoint.FORMAT, "epoch": pos.epoch, "arch": config.model.arch,
@@ -232,6 +259,7 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
 
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
+    trace = IdTrace(run_url, env.rank, config.data.trace_ids)
     skips = SkipCounter()
     global_step = position.global_step
     last_loss = float("nan")
@@ -246,8 +274,9 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
         sampler.set_epoch(epoch, first_step)
         window = Window()
         tick = time.perf_counter()
-        for step_in_epoch, (crops, _labels, _ids, skipped) in enumerate(loader, first_step):
+        for step_in_epoch, (crops, _labels, ids, skipped) in enumerate(loader, first_step):
             data_ready = time.perf_counter()
+            trace.add(epoch, global_step + 1, ids)
             metrics.count_skipped_images(skips.update(skipped))
             crops = crops.to(env.device, non_blocking=True)
             lr = lr_at(config, epoch + step_in_epoch / steps_per_epoch, base_lr)
@@ -304,6 +333,7 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
         "final_loss": last_loss, "skipped_images": skipped_total, "world_size": env.world_size,
     }
     final_url = storage.join(run_url, "checkpoints", checkpoint.checkpoint_name(global_step))
+    trace.flush()
     if env.is_main:
         writer.wait()
         metrics_log.flush()

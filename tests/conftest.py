@@ -32,7 +32,7 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",

@@ -24,12 +24,12 @@ class RandomGaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def moco_v2_augmentation(image_size: int) -> T.Compose:
+def moco_v2_augmentation(image_size: int, min_crop_scale: float = 0.2) -> T.Compose:
     """The MoCo v2 augmentation; the blur sigma range [0.1, 2] is for 224 px
     images and is scaled by image_size / 224 so small images keep their content."""
     blur_scale = image_size / 224
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([RandomGaussianBlur(0.1 * blur_scale, 2.0 * blur_scale)], p=0.5),

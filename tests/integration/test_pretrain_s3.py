@@ -130,3 +130,16 @@ def test_rejected_credentials_are_named(s3_dataset, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_lincls_resumes_after_its_last_committed_epoch(s3_dataset):
+    run = "s3://fmnist/runs/lincls-resume"
+    common = ["lincls", "--preset", "small", f"data.url={s3_dataset}", "batch_size=64",
+              "metrics.port=0", "pretrained=''", f"output_url={run}"]
+    assert jcl(*common, "epochs=2").returncode == 0
+    assert [u.rsplit("/", 1)[1] for u in checkpoint.committed(run)] == [
+        "step-000000001", "step-000000002"]
+    done = jcl(*common, "epochs=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed lincls from {run}/checkpoints/step-000000002 after epoch 2" in done.stderr
+    assert json.loads(storage.read_text(f"{run}/results.json"))["epochs"] == 4
