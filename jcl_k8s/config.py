@@ -6,6 +6,7 @@ merged and type-checked by OmegaConf. An unknown key or a value of the wrong
 type is a `ConfigError` naming it, raised before any work starts.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +69,8 @@ class CheckpointConfig:
     keep_every_epochs: int = 0
     """Also keep the end-of-epoch checkpoint of every Nth epoch for good (0 = none)."""
     grace_seconds: float = 25.0
-    """Time a preemption save may take (torchrun's SIGKILL comes 30 s after SIGTERM);
-    a save slower than this is logged as a warning."""
+    """Time a preemption save may take (torchrun SIGKILLs workers 30 s after SIGTERM by
+    default); any save slower than this is logged as a warning."""
 
 
 @dataclass
@@ -264,3 +265,48 @@ def _validate(command: str, config: DictConfig) -> None:
 def to_yaml(config: DictConfig) -> str:
     """The merged config as YAML, as written beside every run."""
     return OmegaConf.to_yaml(config)
+
+
+def reference(command: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, one-line doc) of every setting of `command`, read from
+    the dataclasses' field docstrings; README's configuration tables are this."""
+    import ast
+    import inspect
+
+    docs: dict[str, dict[str, str]] = {}
+    tree = ast.parse(inspect.getsource(inspect.getmodule(reference)))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields, body = {}, node.body
+            for first, second in zip(body, body[1:], strict=False):
+                if (isinstance(first, ast.AnnAssign) and isinstance(second, ast.Expr)
+                        and isinstance(second.value, ast.Constant)):
+                    fields[first.target.id] = " ".join(second.value.value.split())
+            docs[node.name] = fields
+
+    rows = []
+
+    def walk(schema: type, prefix: str) -> None:
+        for item in dataclasses.fields(schema):
+            if dataclasses.is_dataclass(item.type):
+                walk(item.type, f"{prefix}{item.name}.")
+                continue
+            if item.default is not dataclasses.MISSING:
+                default = item.default
+            else:
+                default = item.default_factory()
+            shown = "(required)" if default == MISSING else repr(default)
+            rows.append((prefix + item.name, shown, docs[schema.__name__].get(item.name, "")))
+
+    walk(SCHEMAS[command], "")
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    for command in sys.argv[1:] or list(SCHEMAS):
+        print(f"| `{command}` setting | default | meaning |\n|---|---|---|")
+        for key, default, doc in reference(command):
+            print(f"| `{key}` | `{default}` | {doc} |")
+        print()

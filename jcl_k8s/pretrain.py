@@ -224,11 +224,16 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
              mode, config.model.arch, config.k_crops, config.batch_size, sampler.local_batch,
              env.world_size, base_lr, config.queue_size)
 
+    def saved(seconds: float, size: int) -> None:
+        metrics.observe_checkpoint(seconds=seconds, size_bytes=size)
+        if seconds > config.checkpoint.grace_seconds:
+            log.warning("a checkpoint save took %.1f s, more than checkpoint.grace_seconds=%.0f: "
+                        "a preemption save may be cut off; raise the pod's grace period and "
+                        "torchrun's shutdown timeout", seconds, config.checkpoint.grace_seconds)
+
     writer = checkpoint.BackgroundWriter(
         run_url, config.checkpoint.keep_last, config.checkpoint.keep_every_epochs,
-        on_saved=lambda seconds, size: metrics.observe_checkpoint(seconds=seconds,
-                                                                  size_bytes=size),
-        on_failed=metrics.observe_checkpoint_failure,
+        on_saved=saved, on_failed=metrics.observe_checkpoint_failure,
     )
     every_steps = config.checkpoint.every_steps
     every_seconds = 60 * config.checkpoint.every_minutes
