@@ -160,4 +160,5 @@ def test_kustomize_builds_the_manifests():
     assert result.returncode == 0, result.stderr
     kinds = re.findall(r"^kind: (\w+)$", result.stdout, re.M)
     assert sorted(kinds) == sorted(["ServiceAccount", "ConfigMap", "ConfigMap", "PyTorchJob",
-                                    "PyTorchJob", "PodMonitor"])
+                                    "PyTorchJob", "PodMonitor", "PodMonitor",
+                                    "PrometheusRule", "ConfigMap"])
