@@ -32,6 +32,9 @@ CUSTOM_RESOURCES = {
     ("monitoring.coreos.com/v1", "PodMonitor"): (
         "podmonitors", "the prometheus-operator CRDs (or set metrics.podMonitor.enabled=false)"
     ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): (
+        "prometheusrules", "the prometheus-operator CRDs (or set metrics.alerts.enabled=false)"
+    ),
 }
 CORE_RESOURCES = {"ConfigMap": "config_map", "ServiceAccount": "service_account"}
 

@@ -1,4 +1,5 @@
-"""Values to Kubernetes objects: the PyTorchJobs, their ConfigMaps, a ServiceAccount, a PodMonitor.
+"""Values to Kubernetes objects: the PyTorchJobs and their ConfigMaps, a ServiceAccount, and the
+monitoring (a PodMonitor per job, the alerts' PrometheusRule, the Grafana dashboard's ConfigMap).
 
 The design rules the objects follow, and why (see the training operator's behaviour):
 - Worker-only elastic PyTorchJobs with c10d rendezvous, an explicit `nprocPerNode` (the
@@ -15,6 +16,12 @@ The design rules the objects follow, and why (see the training operator's behavi
   from them); no readiness probe, since it would delay worker-0's DNS name.
 - The training settings are a ConfigMap holding a trainer config file; the container runs the
   image's entrypoint (`jcl-k8s launch`), which waits for the rendezvous host's DNS name.
+- One PodMonitor per job, named like the job and selecting its pods by the operator's
+  `training.kubeflow.org/job-name` label, so rendering and applying one job never changes the
+  other's scraping. It scrapes every named metrics port of the `pytorch` container (one per
+  training process) and honours the trainer's own `job` label, which the dashboard and the
+  alerts select on. The PrometheusRule and the dashboard cover every jcl-k8s job, so they are
+  the same whichever job is rendered.
 
 This module owns the mapping from values to objects and their YAML; values.py owns the values.
 """
@@ -33,10 +40,16 @@ import yaml
 
 from jcl_k8s.k8s.entrypoint import ENTRYPOINT
 from jcl_k8s.k8s.values import JOBS, ValuesError, defaults_text, load_values
+from jcl_k8s.observability import dashboard, rules
 
 CONFIG_DIR = "/etc/jcl-k8s"
 """Where the pod sees the ConfigMap holding its trainer config file."""
 SHM_DIR = "/dev/shm"
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+"""The label the training operator puts on every pod of a job."""
+DASHBOARD_CONFIGMAP_FILE = "grafana/dashboard-configmap.yaml"
+DASHBOARD_JSON_FILE = "grafana/jcl-dashboard.json"
+"""The dashboard itself, for import by hand; written beside the rendered objects."""
 RDZV_PORT_NAME = "pytorchjob-port"
 """The operator's name for the rendezvous port; it reads the port from the container by it."""
 USER_ID = 1000
@@ -50,6 +63,7 @@ HEADER = (
 )
 
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def render(values: dict[str, Any], job: str = "all") -> list[tuple[str, dict[str, Any]]]:
@@ -64,11 +78,16 @@ def render(values: dict[str, Any], job: str = "all") -> list[tuple[str, dict[str
     objects: list[tuple[str, dict[str, Any]]] = []
     if values["serviceAccount"]["create"]:
         objects.append(("serviceaccount.yaml", service_account(values)))
+    metrics = values["metrics"]
     for name in jobs:
         objects.append((f"{name}-configmap.yaml", config_map(values, name)))
         objects.append((f"{name}-pytorchjob.yaml", pytorch_job(values, name)))
-    if values["metrics"]["podMonitor"]["enabled"] and values["metrics"]["port"]:
-        objects.append(("podmonitor.yaml", pod_monitor(values, jobs)))
+        if metrics["podMonitor"]["enabled"] and metrics["port"]:
+            objects.append((f"{name}-podmonitor.yaml", pod_monitor(values, name)))
+    if metrics["alerts"]["enabled"] and metrics["port"]:
+        objects.append(("prometheusrule.yaml", prometheus_rule(values)))
+    if metrics["dashboard"]["enabled"] and metrics["port"]:
+        objects.append((DASHBOARD_CONFIGMAP_FILE, dashboard_config_map(values)))
     return objects
 
 
@@ -289,34 +308,61 @@ def _resources(values: dict[str, Any]) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def pod_monitor(values: dict[str, Any], jobs: list[str]) -> dict[str, Any]:
+def pod_monitor(values: dict[str, Any], job: str) -> dict[str, Any]:
+    """The PodMonitor of one job: its pods, every training process's metrics port."""
     monitor = values["metrics"]["podMonitor"]
-    metadata = _metadata(values, "jcl-k8s", "metrics")
+    metadata = _metadata(values, values[job]["name"], "metrics")
     metadata["labels"].update(monitor["labels"])
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": metadata,
         "spec": {
-            "selector": {
-                "matchExpressions": [
-                    {
-                        "key": "training.kubeflow.org/job-name",
-                        "operator": "In",
-                        "values": [values[job]["name"] for job in jobs],
-                    }
-                ]
-            },
-            "podTargetLabels": [
-                "training.kubeflow.org/job-name",
-                "training.kubeflow.org/replica-index",
-            ],
+            "selector": {"matchLabels": {JOB_NAME_LABEL: values[job]["name"]}},
+            "podTargetLabels": [JOB_NAME_LABEL, "training.kubeflow.org/replica-index"],
             "podMetricsEndpoints": [
-                {"port": name, "path": "/metrics", "interval": monitor["interval"]}
+                # honorLabels: the trainer's own `job` label must not become `exported_job`.
+                {"port": name, "path": "/metrics", "interval": monitor["interval"],
+                 "honorLabels": True}
                 for name, _ in metrics_ports(values)
             ],
         },
     }
+
+
+def alert_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The `jcl_k8s.observability.rules` settings for these values."""
+    alerts = values["metrics"]["alerts"]
+    return {
+        "name": alerts["name"],
+        "namespace": values["namespace"],
+        "labels": {**_labels(values, alerts["name"], "alerts"), **alerts["labels"]},
+        "severity": alerts["severity"],
+        "thresholds": {
+            "no_progress_minutes": alerts["noProgressMinutes"],
+            "checkpoint_max_age_minutes": alerts["checkpointMaxAgeMinutes"],
+            "throughput_drop_ratio": alerts["throughputDropRatio"],
+            "data_wait_share": alerts["dataWaitShare"],
+            "restarts": alerts["restarts"],
+        },
+    }
+
+
+def prometheus_rule(values: dict[str, Any]) -> dict[str, Any]:
+    """The alerts and their recording rules as a PrometheusRule (every job's `job` label)."""
+    return rules.prometheus_rule(alert_settings(values))
+
+
+def dashboard_config_map(values: dict[str, Any]) -> dict[str, Any]:
+    """The Grafana dashboard as a ConfigMap the Grafana sidecar picks up by its label."""
+    board = values["metrics"]["dashboard"]
+    config_map = dashboard.grafana_configmap(
+        board["namespace"] or values["namespace"],
+        labels={**_labels(values, "jcl-dashboard", "dashboard"),
+                board["sidecarLabel"]: board["sidecarLabelValue"]},
+        folder=board["folder"] or None,
+    )
+    return config_map
 
 
 # ---------------------------------------------------------------------------- derived values
@@ -410,11 +456,26 @@ def _check(values: dict[str, Any], jobs: list[str]) -> None:
         raise ValuesError(
             f"metrics ports {ports[1:]} overlap rendezvous.port {ports[0]}: move metrics.port"
         )
+    _check_monitoring(values)
     names = [values[job]["name"] for job in jobs]
     if len(set(names)) != len(names):
         raise ValuesError(f"pretrain.name and lincls.name must differ, both are {names[0]!r}")
     for job in jobs:
         _check_job(values, job)
+
+
+def _check_monitoring(values: dict[str, Any]) -> None:
+    alerts, board = values["metrics"]["alerts"], values["metrics"]["dashboard"]
+    for key in ("noProgressMinutes", "checkpointMaxAgeMinutes", "restarts"):
+        if alerts[key] < 1:
+            raise ValuesError(f"metrics.alerts.{key} must be at least 1, got {alerts[key]}")
+    for key in ("throughputDropRatio", "dataWaitShare"):
+        if not 0 < alerts[key] < 1:
+            raise ValuesError(f"metrics.alerts.{key} must be between 0 and 1, got {alerts[key]}")
+    if not _DNS_1123.fullmatch(alerts["name"]):
+        raise ValuesError(f"metrics.alerts.name {alerts['name']!r} must be a DNS-1123 name")
+    if not board["sidecarLabel"]:
+        raise ValuesError("metrics.dashboard.sidecarLabel must not be empty")
 
 
 def _check_job(values: dict[str, Any], job: str) -> None:
@@ -477,7 +538,8 @@ def to_stream(objects: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def manifest_files(objects: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
-    """The committed manifests/ folder: one file per object, values.yaml, kustomization.yaml."""
+    """The committed manifests/ folder: one file per object, values.yaml, kustomization.yaml,
+    and the dashboard's JSON for import by hand."""
     files = {name: HEADER + to_yaml(obj) for name, obj in objects}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -486,6 +548,7 @@ def manifest_files(objects: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
     }
     files["kustomization.yaml"] = HEADER + to_yaml(kustomization)
     files["values.yaml"] = defaults_text()
+    files[DASHBOARD_JSON_FILE] = dashboard.dashboard_json()
     return files
 
 
@@ -495,6 +558,7 @@ def write_manifests(directory: str | Path, objects: list[tuple[str, dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in manifest_files(objects).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text, encoding="utf-8")
         written.append(out / name)
     return written

@@ -10,6 +10,8 @@ Three layers, each returning a list of one-line problems (empty when all is well
   PyTorchJob but its CRD schema lacks.
 - `practice_problems`: what a PyTorchJob needs to run elastic torchrun well (an explicit
   nprocPerNode, a rendezvous id, named ports, ...), each with the reason.
+- `rule_problems`: the shape of a PrometheusRule (its CRD is not among the schema files, so
+  this stands in for it); `promtool check rules` on its `spec` checks the expressions.
 
 jsonschema and kubernetes-validate are imported only by `schema_problems` (test extras).
 """
@@ -30,6 +32,8 @@ KUBERNETES_VERSION = "1.30"
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _PORT_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 REPLICA_TYPES = ("Master", "Worker")
+PROMETHEUS_RULE = ("monitoring.coreos.com/v1", "PrometheusRule")
+_DURATION = re.compile(r"([0-9]+(ms|s|m|h|d|w|y))+")
 
 
 def problems(objects: Iterable[dict[str, Any]], schema_dir: Path | None = None) -> list[str]:
@@ -43,6 +47,7 @@ def problems(objects: Iterable[dict[str, Any]], schema_dir: Path | None = None) 
             found += schema_problems(obj, schema_dir)
         found += webhook_problems(obj)
         found += practice_problems(obj)
+        found += rule_problems(obj)
     return found
 
 
@@ -58,6 +63,10 @@ def schema_problems(obj: dict[str, Any], schema_dir: Path) -> list[str]:
     import jsonschema
 
     crd = crd_schemas(Path(schema_dir)).get((obj.get("apiVersion"), obj.get("kind")))
+    if crd is None and (obj.get("apiVersion"), obj.get("kind")) == PROMETHEUS_RULE:
+        # No CRD file: its metadata here, its spec in rule_problems.
+        return _core_problems({"apiVersion": "v1", "kind": "ConfigMap",
+                               "metadata": obj.get("metadata") or {}}, label=describe(obj))
     if crd is None:
         return _core_problems(obj)
     found = [
@@ -251,4 +260,57 @@ def _container_problems(pod: dict[str, Any], nproc: Any) -> list[str]:
             f"terminationGracePeriodSeconds {grace} does not exceed torchrun's shutdown timeout "
             f"({shutdown} s): the kubelet kills the trainers while they save"
         )
+    return found
+
+
+# ---------------------------------------------------------------------------- PrometheusRule
+
+
+def rule_problems(obj: dict[str, Any]) -> list[str]:
+    """A PrometheusRule's shape, as the prometheus-operator's CRD and webhook would check it."""
+    if obj.get("kind") != PROMETHEUS_RULE[1]:
+        return []
+    found = []
+    if obj.get("apiVersion") != PROMETHEUS_RULE[0]:
+        found.append(f"apiVersion is {obj.get('apiVersion')!r}, not {PROMETHEUS_RULE[0]}")
+    metadata = obj.get("metadata") or {}
+    name = str(metadata.get("name", ""))
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+        found.append(f"metadata.name {name!r} is not a DNS-1123 name")
+    spec = obj.get("spec") or {}
+    if set(spec) != {"groups"} or not isinstance(spec["groups"], list) or not spec["groups"]:
+        return [f"{describe(obj)}: {p}" for p in [*found, "spec must hold only a list `groups`"]]
+    names = [group.get("name") for group in spec["groups"]]
+    if len(set(names)) != len(names):
+        found.append(f"group names repeat: {names}")
+    for i, group in enumerate(spec["groups"]):
+        where = f"spec.groups[{i}]"
+        unknown = set(group) - {"name", "interval", "rules", "limit", "labels",
+                                "query_offset", "partial_response_strategy"}
+        if unknown:
+            found.append(f"{where}: unknown fields {sorted(unknown)}")
+        if not group.get("name"):
+            found.append(f"{where}: no name")
+        for j, rule in enumerate(group.get("rules") or []):
+            found += [f"{where}.rules[{j}]: {p}" for p in _one_rule_problems(rule)]
+    return [f"{describe(obj)}: {problem}" for problem in found]
+
+
+def _one_rule_problems(rule: dict[str, Any]) -> list[str]:
+    found = []
+    if ("alert" in rule) == ("record" in rule):
+        found.append("needs exactly one of alert and record")
+    if not isinstance(rule.get("expr"), str) or not rule["expr"].strip():
+        found.append("expr must be a non-empty string (PromQL)")
+    unknown = set(rule) - {"alert", "record", "expr", "for", "keep_firing_for", "labels",
+                           "annotations"}
+    if unknown:
+        found.append(f"unknown fields {sorted(unknown)}")
+    for key in ("for", "keep_firing_for"):
+        if key in rule and not _DURATION.fullmatch(str(rule[key])):
+            found.append(f"{key} {rule[key]!r} is not a duration such as 5m")
+    for key in ("labels", "annotations"):
+        entries = rule.get(key) or {}
+        if not all(isinstance(v, str) for v in entries.values()):
+            found.append(f"{key} values must be strings")
     return found

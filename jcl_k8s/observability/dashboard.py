@@ -175,7 +175,7 @@ def dashboard_json(dashboard: dict[str, Any] | None = None) -> str:
 
 
 def grafana_configmap(
-    namespace: str,
+    namespace: str | None,
     *,
     name: str = "jcl-dashboard",
     labels: dict[str, str] | None = None,
@@ -183,18 +183,18 @@ def grafana_configmap(
 ) -> dict[str, Any]:
     """A ConfigMap holding the dashboard, labelled for the Grafana dashboard sidecar.
 
+    namespace: None or '' leaves it out (kubectl's current namespace applies).
     labels: replaces the sidecar label (default grafana_dashboard: "1") where the
     sidecar is configured to watch another one. folder: the sidecar's
     `grafana_folder` annotation, where its folderAnnotation is set to that name.
     """
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": namespace,
-        "labels": {
-            "app.kubernetes.io/name": "jcl-k8s",
-            "app.kubernetes.io/component": "dashboard",
-            **(SIDECAR_LABEL if labels is None else labels),
-        },
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    metadata["labels"] = {
+        "app.kubernetes.io/name": "jcl-k8s",
+        "app.kubernetes.io/component": "dashboard",
+        **(SIDECAR_LABEL if labels is None else labels),
     }
     if folder:
         metadata["annotations"] = {"grafana_folder": folder}

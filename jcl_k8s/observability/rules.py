@@ -21,7 +21,7 @@ from jcl_k8s.errors import UserError
 API_VERSION = "monitoring.coreos.com/v1"
 
 DEFAULTS: dict[str, Any] = {
-    # PrometheusRule metadata.
+    # PrometheusRule metadata; an empty namespace is left out (kubectl's current one applies).
     "name": "jcl-training",
     "namespace": "default",
     # Extra metadata labels, e.g. the `release` label a Prometheus ruleSelector wants.
@@ -96,10 +96,14 @@ def prometheus_rule(values: dict[str, Any] | None = None) -> dict[str, Any]:
         "app.kubernetes.io/component": "alerts",
         **config["labels"],
     }
+    metadata: dict[str, Any] = {"name": config["name"]}
+    if config["namespace"]:
+        metadata["namespace"] = config["namespace"]
+    metadata["labels"] = labels
     return {
         "apiVersion": API_VERSION,
         "kind": "PrometheusRule",
-        "metadata": {"name": config["name"], "namespace": config["namespace"], "labels": labels},
+        "metadata": metadata,
         "spec": rule_groups(values),
     }
 

@@ -1,10 +1,11 @@
 """The committed pretrain manifest, run by `jcl-k8s run-local`: 2 workers, moto S3, CPU.
 
-Also: killing a worker's process mid-run makes run-local restart it (restartPolicy OnFailure)
-and the job still completes; `kubectl kustomize manifests/` builds.
+Also: killing a worker's process mid-run makes run-local restart it (restartPolicy OnFailure),
+the job completes, and after a committed checkpoint it resumes from that checkpoint;
+`kubectl kustomize manifests/` builds.
 """
 
-import inspect
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jcl_k8s import checkpoint
+from jcl_k8s import checkpoint, storage
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def dataset(s3_server):
     return f"s3://{name}"
 
 
-def run_local_command(bucket, run, epochs):
+def run_local_command(bucket, run, epochs, extra=()):
     """The committed manifest with overrides for a tiny CPU run of 2 workers."""
     return [
         sys.executable, "-m", "jcl_k8s", "run-local", str(MANIFEST),
@@ -54,6 +55,7 @@ def run_local_command(bucket, run, epochs):
         "--train", f"epochs={epochs}", "--train", "batch_size=32",
         "--train", "data.num_workers=0", "--train", "queue_size=64", "--train", "log_every=1",
         "--restart-delay", "0.5", "--timeout", "240",
+        *(arg for setting in extra for arg in ("--train", setting)),
     ]
 
 
@@ -117,38 +119,37 @@ def test_committed_manifest_runs_locally_to_a_committed_checkpoint(dataset):
     assert checkpoint.load_latest(f"{dataset}/run") is not None
 
 
-def test_killed_worker_is_restarted_and_the_job_completes(dataset):
-    run = Watched(run_local_command(dataset, "killed", epochs=2))
+def test_killed_worker_is_restarted_and_resumes_from_the_committed_checkpoint(dataset):
+    """A worker's container dies (node loss, OOM kill) after a committed checkpoint: run-local
+    restarts it (OnFailure), and the run continues from that checkpoint to the end."""
+    run_url = f"{dataset}/resumed"
+    run = Watched(run_local_command(dataset, "resumed", epochs=2, extra=[
+        "checkpoint.every_steps=4", "checkpoint.at_epoch_end=false",
+    ]))
     pid = int(run.wait_for(r"\[run-local\] jcl-pretrain-worker-1 started \(pid (\d+)\)", 30)[1])
-    run.wait_for(r"^\[jcl-pretrain-worker-\d\] .* step 1/", 120)  # training is under way
-    os.kill(pid, signal.SIGKILL)  # the worker's container dies (node loss, OOM kill)
-    code = run.finish(timeout=280)
-    assert code == 0, run.output[-4000:]
-    assert "[run-local] jcl-pretrain-worker-1 exited with 137" in run.output
-    assert "[run-local] restarting jcl-pretrain-worker-1 (restart 1 of the job)" in run.output
-    assert len(re.findall(r"\[run-local\] jcl-pretrain-worker-1 started", run.output)) >= 2
-    assert checkpoint.committed(f"{dataset}/killed")
-
-
-def _trainer_resumes() -> bool:
-    from jcl_k8s import pretrain
-
-    return "load_latest" in inspect.getsource(pretrain)
-
-
-@pytest.mark.skipif(not _trainer_resumes(),
-                    reason="the trainer does not resume yet: jcl_k8s.pretrain never calls "
-                    "checkpoint.load_latest")
-def test_restarted_worker_resumes_from_the_committed_checkpoint(dataset):
-    run = Watched(run_local_command(dataset, "resumed", epochs=3))
-    pid = int(run.wait_for(r"\[run-local\] jcl-pretrain-worker-1 started \(pid (\d+)\)", 30)[1])
-    first = run.wait_for(r"epoch 1 done: checkpoint (\S+)", 180)[1]
+    deadline = time.monotonic() + 180
+    while not checkpoint.committed(run_url):
+        assert time.monotonic() < deadline and run.process.poll() is None, run.output[-4000:]
+        time.sleep(0.2)
+    before = checkpoint.committed(run_url)[-1]
     os.kill(pid, signal.SIGKILL)
     code = run.finish(timeout=280)
     assert code == 0, run.output[-4000:]
-    restart = run.output.index("restarting jcl-pretrain-worker-1")
-    after = run.output[restart:].lower()
-    assert "resum" in after and first.rsplit("/", 1)[-1] in after
+
+    assert "[run-local] jcl-pretrain-worker-1 exited with 137" in run.output
+    assert "[run-local] restarting jcl-pretrain-worker-1 (restart 1 of the job)" in run.output
+    assert len(re.findall(r"\[run-local\] jcl-pretrain-worker-1 started", run.output)) >= 2
+    after = run.output[run.output.index("restarting jcl-pretrain-worker-1"):]
+    resumed = re.search(r"resumed from (\S+) at epoch (\d+), step (\d+)", after)
+    assert resumed, after[-4000:]
+    step = int(re.search(r"step-(\d+)$", resumed[1])[1])
+    assert step >= int(re.search(r"step-(\d+)$", before)[1]) > 0
+    # The sampler's count for an uninterrupted run: 200 images // 32 per step, 2 epochs.
+    final = json.loads(storage.read_text(f"{run_url}/final.json"))
+    assert final["global_steps"] == 2 * (200 // 32)
+    assert final["checkpoint"].endswith(checkpoint.checkpoint_name(2 * (200 // 32)))
+    _, state = checkpoint.load_latest(run_url)
+    assert state["position"]["global_step"] == 2 * (200 // 32)
 
 
 def test_kustomize_builds_the_manifests():
@@ -160,4 +161,5 @@ def test_kustomize_builds_the_manifests():
     assert result.returncode == 0, result.stderr
     kinds = re.findall(r"^kind: (\w+)$", result.stdout, re.M)
     assert sorted(kinds) == sorted(["ServiceAccount", "ConfigMap", "ConfigMap", "PyTorchJob",
-                                    "PyTorchJob", "PodMonitor"])
+                                    "PyTorchJob", "PodMonitor", "PodMonitor",
+                                    "PrometheusRule", "ConfigMap"])

@@ -69,7 +69,8 @@ def test_torchrun_pretrain_from_s3_then_lincls_from_its_s3_checkpoint(s3_dataset
                 "batch_size=64", "metrics.port=0", f"pretrained={run}",
                 "output_url=s3://fmnist/runs/lincls")
     assert probe.returncode == 0, probe.stderr[-3000:]
-    assert "backbone: resnet18 from s3://fmnist/runs/pretrain/checkpoints/step-000000012" in probe.stderr
+    assert ("backbone: resnet18 from s3://fmnist/runs/pretrain/checkpoints/step-000000012"
+            in probe.stderr)
     result = json.loads(storage.read_text("s3://fmnist/runs/lincls/results.json"))
     assert result["val_images"] == 50 and result["train_images"] == 200
     assert 10 < result["top1"] <= 100 and result["top5"] >= result["top1"]
@@ -88,7 +89,8 @@ def test_lincls_end_to_end_recipe_on_a_random_backbone_under_torchrun(s3_dataset
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("data.url=s3://fmnist/no-such-prefix", "data.url s3://fmnist/no-such-prefix does not exist"),
+        ("data.url=s3://fmnist/no-such-prefix",
+         "data.url s3://fmnist/no-such-prefix does not exist"),
         ("data.url=s3://no-such-bucket/data", "does not exist"),
         ("k_crops=1", "k_crops must be at least 2"),
         ("epochs=ten", "setting epochs"),
@@ -126,7 +128,8 @@ def test_rejected_credentials_are_named(s3_dataset, tmp_path):
                 break
         assert done.returncode == 2
         last = done.stderr.strip().splitlines()[-1]
-        assert "s3://fmnist/data" in last and "access denied" in last and "AWS_ACCESS_KEY_ID" in last
+        assert "s3://fmnist/data" in last and "access denied" in last
+        assert "AWS_ACCESS_KEY_ID" in last
     finally:
         server.terminate()
         server.wait(10)

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jcl_k8s.k8s.render import render_values
+from jcl_k8s.k8s.validate import rule_problems
 from jcl_k8s.observability.dashboard import grafana_dashboard, panel_queries, resolve_variables
 from jcl_k8s.observability.rules import prometheus_rule, rule_groups
 
-PROMTOOL_TESTS = Path(__file__).resolve().parents[1] / "promtool"
+REPO = Path(__file__).resolve().parents[2]
+PROMTOOL_TESTS = REPO / "tests" / "promtool"
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +35,23 @@ def test_default_rules_pass_promtool_check(promtool, tmp_path):
     result = promtool_run(promtool, "check", "rules", "rules.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "8 rules found" in result.stdout
+
+
+@pytest.mark.parametrize("sets", [[], ["metrics.alerts.noProgressMinutes=5",
+                                       "metrics.alerts.throughputDropRatio=0.3",
+                                       "metrics.alerts.restarts=2"]])
+def test_rendered_prometheus_rule_passes_promtool_check(promtool, tmp_path, sets):
+    """The object `jcl-k8s render` writes (and manifests/prometheusrule.yaml holds)."""
+    rule = next(obj for _, obj in render_values(sets=sets) if obj["kind"] == "PrometheusRule")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["metadata"]["name"] and rule_problems(rule) == []
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    result = promtool_run(promtool, "check", "rules", "rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8 rules found" in result.stdout
+    if not sets:
+        committed = yaml.safe_load((REPO / "manifests" / "prometheusrule.yaml").read_text())
+        assert committed == rule
 
 
 def test_rules_with_a_job_list_and_other_thresholds_pass_promtool_check(promtool, tmp_path):

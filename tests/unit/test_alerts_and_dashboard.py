@@ -1,8 +1,8 @@
-"""Alert rules, Grafana dashboard and their committed manifests, checked as data."""
+"""Alert rules and the Grafana dashboard, checked as data (their committed manifests are
+render's: tests/unit/test_k8s_render.py)."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,10 +15,8 @@ from jcl_k8s.observability.dashboard import (
     grafana_dashboard,
     panel_queries,
 )
-from jcl_k8s.observability.manifests import default_manifests
 from jcl_k8s.observability.rules import RulesError, prometheus_rule, rule_groups
 
-REPO = Path(__file__).resolve().parents[2]
 GPU_METRICS = {"jcl_gpu_memory_allocated_bytes", "jcl_gpu_memory_reserved_bytes",
                "jcl_gpu_memory_peak_allocated_bytes"}
 
@@ -39,14 +37,6 @@ def exported_metric_names() -> set[str]:
     m.observe_accuracy(top1=1.0, top5=2.0)
     names = {sample.name for family in m.registry.collect() for sample in family.samples}
     return {re.sub(r"_(bucket|count|sum)$", "", name) for name in names}
-
-
-def test_committed_manifests_are_the_rendered_defaults():
-    fix = "run python -m jcl_k8s.observability.manifests"
-    for relative, text in default_manifests().items():
-        path = REPO / relative
-        assert path.exists(), f"{relative} is missing: {fix}"
-        assert path.read_text() == text, f"{relative} differs from the rendering: {fix}"
 
 
 def test_prometheus_rule_object():

@@ -110,9 +110,12 @@ PATHS = [
     "/api/v1/namespaces/team-a/serviceaccounts/jcl-k8s",
     "/api/v1/namespaces/team-a/configmaps/jcl-pretrain-config",
     "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/jcl-pretrain",
+    "/apis/monitoring.coreos.com/v1/namespaces/team-a/podmonitors/jcl-pretrain",
     "/api/v1/namespaces/team-a/configmaps/jcl-lincls-config",
     "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/jcl-lincls",
-    "/apis/monitoring.coreos.com/v1/namespaces/team-a/podmonitors/jcl-k8s",
+    "/apis/monitoring.coreos.com/v1/namespaces/team-a/podmonitors/jcl-lincls",
+    "/apis/monitoring.coreos.com/v1/namespaces/team-a/prometheusrules/jcl-training",
+    "/api/v1/namespaces/team-a/configmaps/jcl-dashboard",
 ]
 
 

@@ -42,9 +42,10 @@ def test_committed_manifests_are_the_render_of_the_defaults():
 
 def test_no_stale_rendered_files_in_manifests():
     expected = set(manifest_files(render_values()))
-    rendered = {p.name for p in MANIFESTS.glob("*.yaml") if "Rendered by `jcl-k8s render`"
-                in p.read_text()}
+    rendered = {str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*.yaml")
+                if "Rendered by " in p.read_text()}
     assert rendered <= expected
+    assert {str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*.json")} <= expected
 
 
 def test_packaged_values_equal_the_committed_values():
@@ -56,14 +57,21 @@ def test_stream_is_one_document_per_object():
     documents = [d for d in yaml.safe_load_all(to_stream(rendered)) if d]
     assert documents == [obj for _, obj in rendered]
     kinds = [d["kind"] for d in documents]
-    assert kinds == ["ServiceAccount", "ConfigMap", "PyTorchJob", "ConfigMap", "PyTorchJob",
-                     "PodMonitor"]
+    assert kinds == ["ServiceAccount", "ConfigMap", "PyTorchJob", "PodMonitor", "ConfigMap",
+                     "PyTorchJob", "PodMonitor", "PrometheusRule", "ConfigMap"]
 
 
 def test_job_selection():
     names = [name for name, _ in render_values(job="pretrain")]
     assert names == ["serviceaccount.yaml", "pretrain-configmap.yaml", "pretrain-pytorchjob.yaml",
-                     "podmonitor.yaml"]
+                     "pretrain-podmonitor.yaml", "prometheusrule.yaml",
+                     "grafana/dashboard-configmap.yaml"]
+    # The job-independent objects are the same whichever job is rendered.
+    shared = {"prometheusrule.yaml", "grafana/dashboard-configmap.yaml"}
+    for job in ("pretrain", "lincls"):
+        assert {n: o for n, o in render_values(job=job) if n in shared} == {
+            n: o for n, o in render_values() if n in shared
+        }
     with pytest.raises(ValuesError, match="nothing to render"):
         render_values(sets=["lincls.enabled=false"], job="lincls")
 
@@ -169,8 +177,11 @@ serviceAccount:
     assert "envFrom" not in main
     assert main["image"].endswith(":0.2.0")
     assert [p["containerPort"] for p in main["ports"]] == [23456, 9500]
-    monitor = rendered["PodMonitor/jcl-k8s"]
+    monitor = rendered["PodMonitor/jcl-pretrain"]
+    assert monitor["metadata"]["namespace"] == "research"
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics-0"]
+    assert rendered["PrometheusRule/jcl-training"]["metadata"]["namespace"] == "research"
+    assert rendered["ConfigMap/jcl-dashboard"]["metadata"]["namespace"] == "research"
     account = rendered["ServiceAccount/jcl-k8s"]
     assert account["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/jcl"
@@ -187,12 +198,57 @@ def test_gpu_count_drives_processes_resources_and_metrics_ports():
     assert [p["name"] for p in main["ports"]][1:] == [f"metrics-{i}" for i in range(8)]
 
 
-def test_metrics_off_drops_ports_and_podmonitor():
+def test_metrics_off_drops_ports_and_monitoring():
     rendered = objects(sets=["metrics.port=0"])
-    assert "PodMonitor/jcl-k8s" not in rendered
+    assert not {"PodMonitor", "PrometheusRule"} & {key.split("/")[0] for key in rendered}
+    assert "ConfigMap/jcl-dashboard" not in rendered
     assert [p["name"] for p in container(rendered["PyTorchJob/jcl-pretrain"])["ports"]] == [
         "pytorchjob-port"
     ]
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+def test_podmonitor_scrapes_every_metrics_port_of_its_job_s_pytorch_container(gpus):
+    rendered = objects(sets=[f"pod.gpus={gpus}"])
+    for name in ("jcl-pretrain", "jcl-lincls"):
+        monitor, job = rendered[f"PodMonitor/{name}"], rendered[f"PyTorchJob/{name}"]
+        assert monitor["spec"]["selector"] == {
+            "matchLabels": {"training.kubeflow.org/job-name": name}
+        }
+        endpoints = monitor["spec"]["podMetricsEndpoints"]
+        assert all(endpoint["honorLabels"] is True for endpoint in endpoints)
+        ports = {p["name"]: p["containerPort"] for p in container(job)["ports"]}
+        scraped = [endpoint["port"] for endpoint in endpoints]
+        assert set(scraped) <= set(ports), "an endpoint names a port the container lacks"
+        # One endpoint per training process: base port + local rank.
+        assert sorted(ports[name] for name in scraped) == [9400 + i for i in range(gpus)]
+        assert int(job["spec"]["nprocPerNode"]) == len(scraped)
+
+
+def test_alert_and_dashboard_values_reach_their_objects():
+    rendered = objects(sets=[
+        "metrics.alerts.noProgressMinutes=7", "metrics.alerts.checkpointMaxAgeMinutes=30",
+        "metrics.alerts.throughputDropRatio=0.25", "metrics.alerts.dataWaitShare=0.8",
+        "metrics.alerts.restarts=5", "metrics.alerts.severity=page",
+        "metrics.alerts.labels.release=kps", "metrics.alerts.name=jcl-alerts",
+        "metrics.dashboard.namespace=monitoring", "metrics.dashboard.sidecarLabel=dash",
+        "metrics.dashboard.sidecarLabelValue=yes", "metrics.dashboard.folder=Training",
+    ])
+    rule = rendered["PrometheusRule/jcl-alerts"]
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert "[7m]" in alerts["JCLTrainingStalled"]["expr"]
+    assert "> 1800" in alerts["JCLCheckpointTooOld"]["expr"]
+    assert "< 0.25 *" in alerts["JCLThroughputDropped"]["expr"]
+    assert alerts["JCLDataStarved"]["expr"].endswith("> 0.8")
+    assert ">= 5" in alerts["JCLRepeatedRestarts"]["expr"]
+    assert alerts["JCLDataStarved"]["labels"]["severity"] == "page"
+    board = rendered["ConfigMap/jcl-dashboard"]["metadata"]
+    assert board["namespace"] == "monitoring"
+    assert board["labels"]["dash"] == "yes" and "grafana_dashboard" not in board["labels"]
+    assert board["annotations"] == {"grafana_folder": "Training"}
+    off = objects(sets=["metrics.alerts.enabled=false", "metrics.dashboard.enabled=false"])
+    assert "PrometheusRule/jcl-training" not in off and "ConfigMap/jcl-dashboard" not in off
 
 
 def test_rendezvous_id_is_stable_and_unique_per_run():
@@ -217,6 +273,9 @@ def test_rendezvous_id_is_stable_and_unique_per_run():
         (["pretrain.preset=tiny"], "preset must be imagenet or small"),
         (["pretrain.training.k_crops=1"], "pretrain.training: k_crops must be at least 2"),
         (["lincls.name=jcl-pretrain"], "must differ"),
+        (["metrics.alerts.dataWaitShare=1.5"], "dataWaitShare must be between 0 and 1"),
+        (["metrics.alerts.noProgressMinutes=0"], "noProgressMinutes must be at least 1"),
+        (["metrics.dashboard.sidecarLabel="], "sidecarLabel must not be empty"),
     ],
 )
 def test_inconsistent_values_fail(sets, message):

@@ -8,6 +8,7 @@ from jcl_k8s.k8s.render import render_values
 from jcl_k8s.k8s.validate import (
     practice_problems,
     problems,
+    rule_problems,
     schema_problems,
     webhook_problems,
 )
@@ -137,3 +138,30 @@ def test_practice_rules(change, message):
     assert practice_problems(obj) == []
     change(obj)
     assert any(message in p for p in practice_problems(obj)), practice_problems(obj)
+
+
+def rendered_rule():
+    return copy.deepcopy(next(o for _, o in render_values() if o["kind"] == "PrometheusRule"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(apiVersion="monitoring.coreos.com/v1beta1"), "apiVersion is"),
+        (lambda r: r["metadata"].update(name="Jcl_Rules"), "not a DNS-1123 name"),
+        (lambda r: r["spec"].update(rules=[]), "only a list `groups`"),
+        (lambda r: r["spec"]["groups"].append(copy.deepcopy(r["spec"]["groups"][0])),
+         "group names repeat"),
+        (lambda r: r["spec"]["groups"][1]["rules"][0].update(record="x"), "exactly one of"),
+        (lambda r: r["spec"]["groups"][1]["rules"][0].update({"for": "ten minutes"}),
+         "not a duration"),
+        (lambda r: r["spec"]["groups"][1]["rules"][0].update(expresion="up"), "unknown fields"),
+        (lambda r: r["spec"]["groups"][1]["rules"][0]["labels"].update(page=True),
+         "must be strings"),
+    ],
+)
+def test_prometheus_rule_shape(change, message):
+    rule = rendered_rule()
+    assert rule_problems(rule) == []
+    change(rule)
+    assert any(message in p for p in rule_problems(rule)), rule_problems(rule)
