@@ -99,19 +99,31 @@ def prune(run_url: str, keep_last: int, keep_every_epochs: int = 0) -> list[str]
     return [storage.join(run_url, "checkpoints", n) for n in doomed]
 
 
-def snapshot(value: Any) -> Any:
-    """A copy of a (nested) state with every tensor copied to CPU memory.
+class Snapshot:
+    """Copies a (nested) state into CPU buffers that are allocated once and reused.
 
-    This is all a save stalls training for; serialising and uploading the copy
-    happen in the background.
+    Copying into buffers that already exist is all a save stalls training for
+    (no allocation, no page faults; pinned memory when CUDA is present); the
+    copy is then serialised and uploaded in the background. A buffer is only
+    reused once the upload that read it has finished.
     """
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(snapshot(v) for v in value)
-    return value
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, value: Any, path: tuple = ()) -> Any:
+        if isinstance(value, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu",
+                                     pin_memory=torch.cuda.is_available())
+                self._buffers[path] = buffer
+            return buffer.copy_(value.detach(), non_blocking=True)
+        if isinstance(value, dict):
+            return {k: self(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self(v, (*path, i)) for i, v in enumerate(value))
+        return value
 
 
 class BackgroundWriter:
@@ -132,13 +144,16 @@ class BackgroundWriter:
         self.last_url = ""
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._snapshot = Snapshot()
 
     def save(self, global_step: int, state: dict[str, Any], epoch_end: bool = False,
              wait: bool = False) -> float:
         """Snapshot `state` and upload it; returns the seconds training was stalled."""
         self.wait(raise_error=False)
         started = time.perf_counter()
-        copy = snapshot(state)
+        copy = self._snapshot(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         stalled = time.perf_counter() - started
         self._thread = threading.Thread(
             target=self._upload, args=(global_step, copy, epoch_end), daemon=True,
