@@ -165,7 +165,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "weight_decay": 5e-4,
             "k_crops": 3,
             "jcl_lambda": 2.0,
-            "queue_size": 2048,
+            "queue_size": 4096,
             "key_momentum": 0.99,
             "log_every": 10,
         },

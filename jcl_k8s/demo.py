@@ -52,6 +52,7 @@ def s3_endpoint():
             "pip install 'jcl-k8s[demo]'"
         ) from None
     port = _free_port()
+    _quiet_moto_logs()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -71,6 +72,11 @@ def _create_bucket(bucket: str) -> None:
     fs, _ = storage.url_to_fs(f"s3://{bucket}")
     with storage.explained(f"s3://{bucket}", "creating bucket"):
         fs.mkdir(bucket)
+
+
+def _quiet_moto_logs() -> None:
+    """moto's server logs every request at INFO through werkzeug."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def _run(command: list[str], what: str) -> None:
