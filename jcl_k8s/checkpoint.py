@@ -229,7 +229,13 @@ def _deserialize(data: bytes, url: str) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a non-checkpoint
-        raise CheckpointError(f"{url} is not a checkpoint this tool can load: {error}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if "Weights only load failed" in reason:
+            reason = "it holds objects that weights_only loading refuses to unpickle"
+        raise CheckpointError(
+            f"{url} is not a checkpoint this tool can load "
+            f"({type(error).__name__}{': ' + reason if reason else ''})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{url} holds a {type(state).__name__}, not a checkpoint dict")
     return state
@@ -289,6 +295,15 @@ def write_final(run_url: str, checkpoint_url: str, summary: dict[str, Any]) -> N
     storage.write_text(
         storage.join(run_url, FINAL_FILE), json.dumps({"checkpoint": checkpoint_url, **summary})
     )
+
+
+def finished(run_url: str) -> bool:
+    return storage.exists(storage.join(run_url, FINAL_FILE))
+
+
+def read_final(run_url: str) -> dict[str, Any]:
+    final = json.loads(storage.read_text(storage.join(run_url, FINAL_FILE)))
+    return {**final, "checkpoint_url": final.get("checkpoint")}
 
 
 def wait_for_final(run_url: str, timeout: float, poll: float = 5.0) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -159,8 +160,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": {
             "data": {"image_size": 32, "num_workers": 1, "cache_bytes": True},
             "model": {"arch": "resnet18"},
-            "epochs": 15,
-            "batch_size": 128,
+            "epochs": 40,
+            "batch_size": 64,
             "lr": 0.06,
             "weight_decay": 5e-4,
             "k_crops": 3,
@@ -205,7 +206,15 @@ def load_config(
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+            try:
+                config = OmegaConf.merge(config, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as error:
+                key = item.split("=", 1)[0]
+                if "is not a subclass of" in str(error):
+                    raise ConfigError(
+                        f"setting {key} is a group of settings; set its keys, e.g. {key}.<name>=..."
+                    ) from None
+                raise
         missing = sorted(OmegaConf.missing_keys(config))
     except OmegaConfBaseException as error:
         raise ConfigError(_explain(error)) from None
@@ -220,6 +229,10 @@ def _read_yaml(path: str) -> DictConfig:
         loaded = OmegaConf.load(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     return loaded
@@ -230,6 +243,9 @@ def _explain(error: OmegaConfBaseException) -> str:
     message = str(error).splitlines()[0]
     if "not in struct" in message or "Key '" in message and "not in" in message:
         return f"unknown setting {key}"
+    if "is not a subclass of" in message:
+        group = message.split("is not a subclass of ", 1)[1].split(".", 1)[0]
+        return f"a value was given for the group {group}; set its keys instead (e.g. data.url=...)"
     if key:
         return f"setting {key}: {message}"
     return message
@@ -238,6 +254,8 @@ def _explain(error: OmegaConfBaseException) -> str:
 def _validate(command: str, config: DictConfig) -> None:
     if config.model.stem not in ("imagenet", "small"):
         raise ConfigError(f"model.stem must be 'imagenet' or 'small', got {config.model.stem!r}")
+    if config.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be at least 8, got {config.data.image_size}")
     if config.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {config.batch_size}")
     if config.epochs < 1:

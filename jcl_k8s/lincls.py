@@ -45,12 +45,13 @@ def load_backbone(config: DictConfig, num_classes: int) -> nn.Module:
         expected = {k for k in net.state_dict() if not k.startswith("fc.")}
         missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
         if missing or unexpected:
-            first_missing = missing[0] if missing else None
-            first_unexpected = unexpected[0] if unexpected else None
+            keys = [f"first missing key {missing[0]!r}" if missing else "",
+                    f"first unexpected key {unexpected[0]!r}" if unexpected else ""]
+            saved_arch = state.get("arch")
+            arch = f" (the checkpoint's arch is {saved_arch})" if saved_arch else ""
             raise CheckpointError(
                 f"{url} does not fit model.arch={config.model.arch} "
-                f"model.stem={config.model.stem}: first missing key {first_missing!r}, "
-                f"first unexpected key {first_unexpected!r}"
+                f"model.stem={config.model.stem}{arch}: {', '.join(k for k in keys if k)}"
             )
         shapes = [k for k, v in weights.items() if v.shape != net.state_dict()[k].shape]
         if shapes:
@@ -116,9 +117,6 @@ def lincls(config: DictConfig) -> dict[str, Any]:
     metrics = TrainingMetrics("lincls", job_label(config.metrics.job, run_url), env.rank,
                               env.local_rank, config.metrics.port)
     metrics.set_world_size(env.world_size)
-    if env.is_main:
-        storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
-
     train_index = load_split_index(config.data.url, "train", env)
     val_index = load_split_index(config.data.url, "val", env, classes=train_index.classes)
     if val_index.classes != train_index.classes:
@@ -126,6 +124,8 @@ def lincls(config: DictConfig) -> dict[str, Any]:
     num_classes = len(train_index.classes)
     net = load_backbone(config, num_classes).to(env.device)
     net.eval()
+    if env.is_main:
+        storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
 
     size = config.data.image_size
     def split(name, index, transform):

@@ -13,7 +13,6 @@ each process takes batch_size / world_size images per step.
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -131,12 +130,6 @@ class IdTrace:
             storage.write_text(self.url, json.dumps(self.steps))
 
 
-def ignore_sigterm(_worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM to the training process, which must live
-    to save a checkpoint; they stop when it shuts its loader down."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def build_loader(config: DictConfig, env: distributed.DistEnv):
     index = load_split_index(config.data.url, "train", env)
     cache = fetch_all(config.data.url, "train", index) if config.data.cache_bytes else None
@@ -153,7 +146,6 @@ def build_loader(config: DictConfig, env: distributed.DistEnv):
         pin_memory=env.device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
         multiprocessing_context="fork" if config.data.num_workers > 0 else None,
-        worker_init_fn=ignore_sigterm,
     )
     return dataset, sampler, loader
 
@@ -207,6 +199,10 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
         metrics_log.records = [r for r in MetricsLog.read(run_url)
                                if r.get("global_step", 0) <= position.global_step]
         metrics.count_resume()
+        if position.epoch >= config.epochs and checkpoint.finished(run_url):
+            log.info("run %s is already complete (%d epochs); nothing to do", run_url,
+                     config.epochs)
+            return checkpoint.read_final(run_url)
     if env.is_main:
         storage.write_text(storage.join(run_url, "config.yaml"), to_yaml(config))
 
@@ -321,8 +317,8 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
                     save(here, epoch_end=last_of_epoch, wait=stop)
             if stop:
                 metrics.count_preemption()
-                log.warning("stopped at global step %d after a preemption checkpoint; exit %d",
-                            global_step, EXIT_PREEMPTED)
+                log.info("stopped at global step %d after a preemption checkpoint; exit %d",
+                         global_step, EXIT_PREEMPTED)
                 raise Preempted(global_step)
             tick = time.perf_counter()
 
@@ -335,7 +331,8 @@ def _train(config: DictConfig, env: distributed.DistEnv, metrics: TrainingMetric
     summary = {
         "epochs": config.epochs, "global_steps": global_step,
         "images_per_second": trained_samples / elapsed if trained_samples else 0.0,
-        "final_loss": last_loss, "skipped_images": skipped_total, "world_size": env.world_size,
+        "final_loss": last_loss if math.isfinite(last_loss) else None,
+        "skipped_images": skipped_total, "world_size": env.world_size,
     }
     final_url = storage.join(run_url, "checkpoints", checkpoint.checkpoint_name(global_step))
     trace.flush()

@@ -33,9 +33,14 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                     "ConnectionRefusedError", "ReadTimeoutError"}
+
+
 @contextmanager
 def explained(url: str, what: str) -> Iterator[None]:
-    """Turn credential and endpoint failures on `url` into a `DataError` naming it."""
+    """Turn credential, endpoint and missing-bucket failures on `url` into a
+    `DataError` naming it; anything else propagates unchanged."""
     try:
         yield
     except PermissionError as error:
@@ -43,9 +48,11 @@ def explained(url: str, what: str) -> Iterator[None]:
             f"{what} {url}: access denied ({error}); check AWS_ACCESS_KEY_ID / "
             "AWS_SECRET_ACCESS_KEY or the pod's role"
         ) from None
-    except OSError as error:
-        if type(error).__name__ in {"EndpointConnectionError", "ClientConnectorError"}:
+    except Exception as error:
+        if type(error).__name__ in CONNECTION_ERRORS:
             raise DataError(f"{what} {url}: cannot reach the endpoint ({error})") from None
+        if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
+            raise DataError(f"{what} {url}: the bucket does not exist") from None
         raise
 
 
@@ -55,11 +62,18 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
+def is_local(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
 def write_bytes(url: str, data: bytes) -> None:
+    """Write one object. On object stores no 'directories' are made: s3fs would
+    create a missing bucket, and a typo in a bucket name must be an error."""
     fs, path = url_to_fs(url)
     with explained(url, "writing"):
         parent = os.path.dirname(path)
-        if parent:
+        if parent and is_local(fs):
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
 

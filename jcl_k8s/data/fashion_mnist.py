@@ -92,7 +92,7 @@ def prepare_fashion_mnist(
             pending[f"{root.rstrip('/')}/{split}/{relative}"] = _png(images[i])
             if len(pending) >= WRITE_CHUNK or n == len(chosen) - 1:
                 with storage.explained(url, "writing"):
-                    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+                    if storage.is_local(fs):
                         for path in pending:
                             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
                     fs.pipe(pending)

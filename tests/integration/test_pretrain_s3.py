@@ -75,6 +75,12 @@ def test_torchrun_pretrain_from_s3_then_lincls_from_its_s3_checkpoint(s3_dataset
     assert result["val_images"] == 50 and result["train_images"] == 200
     assert 10 < result["top1"] <= 100 and result["top5"] >= result["top1"]
 
+    # Starting a finished run again (a pod restarted after the end) changes nothing.
+    again = jcl("pretrain", *TINY, f"data.url={s3_dataset}", f"output_url={run}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is already complete (2 epochs); nothing to do" in again.stderr
+    assert json.loads(storage.read_text(f"{run}/final.json")) == final
+
 
 def test_lincls_end_to_end_recipe_on_a_random_backbone_under_torchrun(s3_dataset):
     done = torchrun("lincls", "--preset", "small", f"data.url={s3_dataset}", "epochs=1",
@@ -95,16 +101,33 @@ def test_lincls_end_to_end_recipe_on_a_random_backbone_under_torchrun(s3_dataset
         ("k_crops=1", "k_crops must be at least 2"),
         ("epochs=ten", "setting epochs"),
         ("tua=0.1", "unknown setting tua"),
+        ("output_url=s3://no-such-output-bucket/run", "the bucket does not exist"),
     ],
 )
 def test_bad_input_stops_before_training_with_one_line(s3_dataset, override, message):
     done = jcl("pretrain", *TINY, f"data.url={s3_dataset}", "output_url=s3://fmnist/runs/bad",
                override)
+    if "no-such-output-bucket" in override:
+        import boto3
+
+        buckets = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+        assert "no-such-output-bucket" not in buckets, "a typo must not create a bucket"
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("jcl-k8s pretrain: error:") and message in last, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not storage.exists("s3://fmnist/runs/bad/checkpoints")
+
+
+def test_unreachable_endpoint_is_one_line(s3_dataset, tmp_path):
+    from tests.conftest import free_port
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "AWS_MAX_ATTEMPTS": "1"}
+    done = jcl("pretrain", *TINY, "data.url=s3://fmnist/data", f"output_url={tmp_path}", env=env)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "s3://fmnist/data" in last and "cannot reach the endpoint" in last
 
 
 def test_rejected_credentials_are_named(s3_dataset, tmp_path):

@@ -31,6 +31,8 @@ def test_yaml_files_merge_in_order(tmp_path):
         ("k_crops=1", "k_crops must be at least 2"),
         ("jcl=false", "set k_crops=2"),
         ("batch_size", "key=value"),
+        ("data=3", "setting data is a group of settings"),
+        ("data.image_size=0", "data.image_size must be at least 8"),
     ],
 )
 def test_bad_overrides_name_the_setting(override, message):
@@ -48,3 +50,10 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_config("pretrain", "tiny", overrides=REQUIRED)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("pretrain", "small", [str(tmp_path / "nope.yaml")], REQUIRED)
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nmodel: [\n")
+    with pytest.raises(ConfigError, match=f"config file {bad} is not valid YAML at line"):
+        load_config("pretrain", "small", [str(bad)], REQUIRED)
