@@ -5,10 +5,12 @@ one line on stderr and exit status 2, before any training starts.
 """
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from jcl_k8s.errors import UserError
@@ -132,11 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     from jcl_k8s.preemption import EXIT_PREEMPTED, Preempted
 
+    code = 1
     try:
-        code = args.handler(args)
+        code = args.handler(args) or 0
     except UserError as error:
         print(f"jcl-k8s {args.command}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Preempted:
-        sys.exit(EXIT_PREEMPTED)
-    sys.exit(code or 0)
+        code = EXIT_PREEMPTED
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    # Free the failed run (its traceback keeps the DataLoader iterator, and so its
+    # worker processes, alive in a reference cycle) so the workers are shut down
+    # before interpreter shutdown waits on them.
+    gc.collect()
+    sys.exit(code)

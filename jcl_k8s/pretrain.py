@@ -13,6 +13,7 @@ each process takes batch_size / world_size images per step.
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -130,6 +131,14 @@ class IdTrace:
             storage.write_text(self.url, json.dumps(self.steps))
 
 
+def own_process_group(_worker_id: int) -> None:
+    """Each DataLoader worker leaves its parent's process group: torchrun sends
+    SIGTERM to the whole group of every training process, and the workers must
+    keep serving batches until the training process has saved its checkpoint.
+    They still stop with their loader, or when the training process dies."""
+    os.setpgid(0, 0)
+
+
 def build_loader(config: DictConfig, env: distributed.DistEnv):
     index = load_split_index(config.data.url, "train", env)
     cache = fetch_all(config.data.url, "train", index) if config.data.cache_bytes else None
@@ -144,8 +153,8 @@ def build_loader(config: DictConfig, env: distributed.DistEnv):
         batch_sampler=sampler,
         num_workers=config.data.num_workers,
         pin_memory=env.device.type == "cuda",
-        persistent_workers=config.data.num_workers > 0,
         multiprocessing_context="fork" if config.data.num_workers > 0 else None,
+        worker_init_fn=own_process_group,
     )
     return dataset, sampler, loader
 
