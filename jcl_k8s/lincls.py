@@ -26,9 +26,8 @@ from jcl_k8s.data.dataset import ImageSplit, SkipCounter, fetch_all
 from jcl_k8s.data.sampler import GlobalBatchSampler
 from jcl_k8s.data.transforms import eval_transform, linear_train_transform
 from jcl_k8s.errors import CheckpointError, DataError
-from jcl_k8s.metrics import TrainingMetrics, job_label
 from jcl_k8s.model import build_resnet
-from jcl_k8s.pretrain import MetricsLog, configure_logging, load_split_index
+from jcl_k8s.pretrain import MetricsLog, load_split_index, start_run
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +109,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 
 def lincls(config: DictConfig) -> dict[str, Any]:
-    env = distributed.setup()
-    configure_logging(env)
-    torch.manual_seed(config.seed)
+    env, metrics = start_run("lincls", config)
     run_url = config.output_url
-    metrics = TrainingMetrics("lincls", job_label(config.metrics.job, run_url), env.rank,
-                              env.local_rank, config.metrics.port)
-    metrics.set_world_size(env.world_size)
     train_index = load_split_index(config.data.url, "train", env)
     val_index = load_split_index(config.data.url, "val", env, classes=train_index.classes)
     if val_index.classes != train_index.classes:

@@ -159,15 +159,21 @@ def build_loader(config: DictConfig, env: distributed.DistEnv):
     return dataset, sampler, loader
 
 
-def pretrain(config: DictConfig) -> dict[str, Any]:
-    """Train (or continue training); returns the summary also written to RUN/final.json."""
+def start_run(phase: str, config: DictConfig) -> tuple[distributed.DistEnv, TrainingMetrics]:
+    """What every command does first: join the process group, set up logging and the
+    seed, and start this process's metrics exporter."""
     env = distributed.setup()
     configure_logging(env)
     torch.manual_seed(config.seed)
-    run_url = config.output_url
-    metrics = TrainingMetrics("pretrain", job_label(config.metrics.job, run_url), env.rank,
-                              env.local_rank, config.metrics.port)
+    metrics = TrainingMetrics(phase, job_label(config.metrics.job, config.output_url),
+                              env.rank, env.local_rank, config.metrics.port)
     metrics.set_world_size(env.world_size)
+    return env, metrics
+
+
+def pretrain(config: DictConfig) -> dict[str, Any]:
+    """Train (or continue training); returns the summary also written to RUN/final.json."""
+    env, metrics = start_run("pretrain", config)
     agreement = StepAgreement()
     try:
         return _train(config, env, metrics, agreement)
